@@ -1,0 +1,104 @@
+"""Run one stage against artifact URIs: verify inputs, skip finished work, publish atomically."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pqflow import __version__
+from pqflow.artifacts import (
+    Artifact,
+    build_manifest,
+    canonical_digest,
+    discard,
+    open_artifact,
+    publish,
+    read_manifest,
+    staging_dir,
+)
+from pqflow.errors import PqflowError
+from pqflow.recipe import Recipe
+from pqflow.stages import StageSpec, get_stage, stage_available
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    uri: str
+    manifest: dict[str, Any]
+    skipped: bool
+    seconds: float
+    inputs: dict[str, Artifact] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.manifest.get("summary", {})
+
+
+def stage_params(spec: StageSpec, recipe: Recipe, has_model_input: bool) -> dict[str, Any]:
+    """What the stage's output depends on, besides its inputs (resources do not count)."""
+    cfg = recipe.stage(spec.key).model_dump(mode="json", exclude={"resources", "enabled"})
+    params: dict[str, Any] = {"stage": cfg}
+    if not has_model_input:
+        params["model"] = recipe.model.model_dump(mode="json", exclude={"name"})
+    return params
+
+
+def fingerprint(spec: StageSpec, params: dict[str, Any], inputs: dict[str, Artifact]) -> str:
+    return canonical_digest({
+        "stage": spec.name,
+        "params": params,
+        "inputs": {k: a.digest for k, a in sorted(inputs.items())},
+        "pqflow": __version__,
+    })
+
+
+def run_stage(name: str, recipe: Recipe, input_uris: dict[str, str], out_uri: str, *, force: bool = False,
+              on_done: Callable[[StageOutcome], None] | None = None) -> StageOutcome:
+    """Run stage ``name``; skipped when ``out_uri`` already holds an artifact with the same fingerprint."""
+    spec = get_stage(name)
+    if not stage_available(spec):
+        raise PqflowError(f"stage '{spec.name}' is not implemented in this pqflow build")
+    missing = [i for i in spec.inputs if i not in input_uris]
+    unknown = [i for i in input_uris if i not in spec.inputs + spec.optional]
+    if missing or unknown:
+        raise PqflowError(
+            f"stage '{spec.name}' takes inputs {list(spec.inputs)} (optional {list(spec.optional)}); "
+            + (f"missing {missing}" if missing else f"unknown {unknown}")
+        )
+    t0 = time.perf_counter()
+    inputs = {k: open_artifact(uri) for k, uri in input_uris.items()}
+    params = stage_params(spec, recipe, "model" in inputs)
+    fp = fingerprint(spec, params, inputs)
+    existing = read_manifest(out_uri)
+    if existing is not None and existing.get("fingerprint") == fp and not force:
+        try:
+            open_artifact(out_uri)
+            print(f"[pqflow] {spec.name}: up to date at {out_uri}, skipped", file=sys.stderr)
+            outcome = StageOutcome(spec.name, out_uri, existing, True, time.perf_counter() - t0, inputs)
+            if on_done:
+                on_done(outcome)
+            return outcome
+        except PqflowError as e:
+            print(f"[pqflow] {spec.name}: existing output unusable ({e}); running again", file=sys.stderr)
+    work = staging_dir(out_uri)
+    try:
+        print(f"[pqflow] {spec.name}: running -> {out_uri}", file=sys.stderr)
+        summary = spec.runner()(recipe, inputs, work)
+        manifest = build_manifest(
+            work, stage=spec.name, params=params,
+            inputs={k: {"uri": a.uri, "digest": a.digest} for k, a in inputs.items()},
+            fingerprint=fp, summary=summary,
+        )
+        publish(work, out_uri, manifest)
+    except BaseException:
+        discard(work)
+        raise
+    outcome = StageOutcome(spec.name, out_uri, manifest, False, time.perf_counter() - t0, inputs)
+    print(f"[pqflow] {spec.name}: done in {outcome.seconds:.1f}s -> {out_uri}", file=sys.stderr)
+    if on_done:
+        on_done(outcome)
+    return outcome

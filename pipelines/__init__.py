@@ -1,0 +1,1 @@
+"""KFP adapters over pqflow.core; see the README."""
