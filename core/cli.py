@@ -57,6 +57,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipe_doc(args: argparse.Namespace) -> int:
+    from pqflow.recipe_doc import render_reference
+
+    print(render_reference(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pqflow", description="Compress LLMs: prune, quantize, tune, evaluate.")
     p.add_argument("--version", action="version", version=f"pqflow {__version__}")
@@ -80,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="artifact root URI (default: the recipe's storage.root)")
     s.add_argument("--force", action="store_true", help="run every stage even if up to date")
     s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("recipe-doc", help="print the recipe reference (docs/recipe.md)")
+    s.set_defaults(fn=cmd_recipe_doc)
     return p
 
 

@@ -35,16 +35,16 @@ class Strict(BaseModel):
 class Resources(Strict):
     """Kubernetes resources of a stage's container (used by the KFP pipeline only)."""
 
-    cpu: str = "2"
-    memory: str = "8G"
-    gpu: int = Field(0, ge=0)
-    gpu_type: str | None = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    cpu: str = Field("2", description="CPU request, Kubernetes quantity")
+    memory: str = Field("8G", description="memory request and limit, Kubernetes quantity")
+    gpu: int = Field(0, ge=0, description="GPUs (nvidia.com/gpu) per stage container")
+    gpu_type: str | None = Field(None, description="accelerator node label value, e.g. nvidia-tesla-a100")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="extra node selector labels")
 
 
 class ModelRef(Strict):
     source: str = Field(description="smollm2-135m | tiny-llama | hf:<id or local path>")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model is loaded and computed in")
     name: str | None = Field(None, description="registered model name; defaults to the recipe name")
 
     @field_validator("source")
@@ -68,61 +68,61 @@ class DataRef(Strict):
 
 
 class StageBase(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="a disabled stage is skipped and produces nothing")
     resources: Resources = Field(default_factory=Resources)
 
 
 class MethodStage(StageBase):
     method: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's own settings (see Methods)")
 
 
 class CalibrateStage(StageBase):
     data: DataRef = Field(default_factory=DataRef)
-    n_windows: int = Field(128, ge=1)
-    seqlen: int = Field(512, ge=8)
-    seed: int = 0
+    n_windows: int = Field(128, ge=1, description="random calibration windows drawn from the train split")
+    seqlen: int = Field(512, ge=8, description="tokens per calibration window")
+    seed: int = Field(0, description="seed of the window draw")
     collect_xtx: bool = Field(False, description="accumulate X^T X per linear (GPTQ, reformation)")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="windows per forward pass")
 
 
 class ImportanceStage(MethodStage):
-    enabled: bool = False
-    method: str = "taylor"
+    enabled: bool = Field(False, description="a disabled stage is skipped and produces nothing")
+    method: str = Field("taylor", description="importance method")
 
 
 class PruneStage(MethodStage):
-    enabled: bool = False
-    method: str = "width"
+    enabled: bool = Field(False, description="a disabled stage is skipped and produces nothing")
+    method: str = Field("width", description="pruning method")
     ratio: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of non-embedding parameters removed")
 
 
 class BitSearchStage(MethodStage):
-    enabled: bool = False
-    method: str = "nevergrad"
+    enabled: bool = Field(False, description="a disabled stage is skipped and produces nothing")
+    method: str = Field("nevergrad", description="bit-search method")
     avg_bits: float | None = Field(None, gt=1.0, le=16.0, description="budget as average bits incl. overhead")
     budget_bytes: int | None = Field(None, gt=0, description="budget as total bytes of the quantized linears")
 
 
 class QuantizeStage(MethodStage):
-    enabled: bool = False
-    method: str = "rtn"
-    bits: Literal[2, 3, 4, 8] = 4
+    enabled: bool = Field(False, description="a disabled stage is skipped and produces nothing")
+    method: str = Field("rtn", description="quantization method")
+    bits: Literal[2, 3, 4, 8] = Field(4, description="default bits of every quantized linear")
     group_size: int | None = Field(64, description="input columns per scale; null = per output channel")
-    symmetric: bool = False
+    symmetric: bool = Field(False, description="symmetric codes (no zero point)")
 
 
 class FinetuneStage(MethodStage):
-    enabled: bool = False
-    method: str = "lora"
+    enabled: bool = Field(False, description="a disabled stage is skipped and produces nothing")
+    method: str = Field("lora", description="recovery fine-tuning method")
     data: DataRef = Field(default_factory=DataRef)
 
 
 class EvaluateStage(StageBase):
     data: DataRef = Field(default_factory=DataRef)
-    seqlen: int = Field(512, ge=8)
+    seqlen: int = Field(512, ge=8, description="tokens per evaluation window")
     max_windows: int | None = Field(40, ge=1, description="cap on evaluated windows; null = all")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="windows per forward pass")
 
 
 class Stages(Strict):
@@ -141,18 +141,18 @@ class Storage(Strict):
 
 class QualityGate(Strict):
     max_ppl_increase: float | None = Field(None, ge=0, description="allowed ppl rise over the baseline, fraction")
-    max_bytes: int | None = Field(None, gt=0)
+    max_bytes: int | None = Field(None, gt=0, description="largest allowed model weight bytes on disk")
 
 
 class Tracking(Strict):
     mlflow_uri: str | None = Field(None, description="tracking server; null = embedded server")
-    experiment: str = "pqflow"
+    experiment: str = Field("pqflow", description="MLflow experiment name")
     gate: QualityGate = Field(default_factory=QualityGate)
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    description: str = ""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; artifacts go under storage.root/<name>/")
+    description: str = Field("", description="free text, logged with the run")
     model: ModelRef
     stages: Stages = Field(default_factory=Stages)
     storage: Storage = Field(default_factory=Storage)
@@ -188,7 +188,7 @@ def method_registry(stage: str):
         mod = importlib.import_module(METHOD_FAMILIES[stage])
     except ModuleNotFoundError as e:
         raise RecipeError(f"stages.{stage}: this pqflow build has no {stage} methods yet ({e})") from e
-    reg = getattr(mod, "REGISTRY")
+    reg = mod.REGISTRY
     assert isinstance(reg, MethodRegistry)
     return reg
 

@@ -28,7 +28,7 @@ class StageSpec:
     output: str = "model"  # what downstream stages call this stage's artifact
 
     def runner(self) -> Callable[..., dict[str, Any]]:
-        return getattr(importlib.import_module(self.module), "run")
+        return importlib.import_module(self.module).run
 
 
 STAGES: dict[str, StageSpec] = {

@@ -1,0 +1,73 @@
+"""The recipe reference (docs/recipe.md), generated from the schema so it cannot drift."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from pqflow.recipe import METHOD_FAMILIES, Recipe, method_registry
+
+
+def _type_name(ann: Any) -> str:
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return " \\| ".join(repr(a) for a in typing.get_args(ann))
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in typing.get_args(ann))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(ann))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if ann is type(None):
+        return "null"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _default(field: Any) -> str:
+    if field.default is PydanticUndefined:
+        return "*required*" if field.default_factory is None else f"`{field.default_factory()!r}`"
+    return f"`{field.default!r}`" if field.default is not None else "`null`"
+
+
+def _rows(model: type[BaseModel], prefix: str, out: list[str], nested: list[tuple[str, type[BaseModel]]]) -> None:
+    for name, f in model.model_fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            nested.append((path, ann))
+            continue
+        out.append(f"| `{path}` | {_type_name(ann)} | {_default(f)} | {(f.description or '').replace('|', chr(92) + '|')} |")
+
+
+def render_reference() -> str:
+    lines = [
+        "# Recipe reference",
+        "",
+        "Generated from `core/recipe.py` by `pqflow recipe-doc`; a test keeps this file in sync.",
+        "Unknown keys are errors. Every stage has `enabled` and `resources` (cpu, memory, gpu,",
+        "gpu_type, node_selector: used by the KFP pipeline).",
+        "",
+    ]
+    queue: list[tuple[str, type[BaseModel]]] = [("", Recipe)]
+    while queue:
+        prefix, model = queue.pop(0)
+        if model.__name__ == "Resources" and prefix != "stages.calibrate.resources":
+            continue
+        rows: list[str] = []
+        nested: list[tuple[str, type[BaseModel]]] = []
+        _rows(model, prefix, rows, nested)
+        if rows:
+            lines += [f"## `{prefix or '(top level)'}`", "", "| key | type | default | meaning |",
+                      "|---|---|---|---|", *rows, ""]
+        queue = nested + queue
+    lines += ["## Methods", "", "`params` of a method stage are checked against the method's own schema.", ""]
+    for stage in METHOD_FAMILIES:
+        try:
+            names = method_registry(stage).names()
+        except Exception:  # noqa: BLE001 - a family not built yet is listed as such
+            names = []
+        lines.append(f"- `stages.{stage}.method`: {', '.join(f'`{n}`' for n in names) or '(none yet)'}")
+    return "\n".join(lines) + "\n"
