@@ -6,6 +6,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pqflow.artifacts import Artifact
 from pqflow.data import eval_windows, load_text, tokenize
 from pqflow.models import param_count, save_model, weight_bytes
@@ -28,9 +30,10 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
         artifact_bytes = int(inputs["model"].manifest["bytes"])
         model_uri = inputs["model"].uri
     else:
-        # A source model has no artifact yet: save it the way a stage would and measure that.
+        # A source model has no artifact yet: save it as the fp16 checkpoint that compressed
+        # models are compared with, and measure that file.
         with tempfile.TemporaryDirectory(prefix="pqflow-eval-") as tmp:
-            save_model(loaded.model, loaded.tokenizer, Path(tmp))
+            save_model(loaded.model.to(torch.float16), loaded.tokenizer, Path(tmp))
             model_bytes = weight_bytes(Path(tmp))
             artifact_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
         model_uri = recipe.model.source
