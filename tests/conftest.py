@@ -22,7 +22,7 @@ def _default_data_dir() -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def data_dir() -> Path:
     """Tests read WikiText-2 from $PQFLOW_DATA_DIR (default: ../shared/data beside the repo)."""
-    d = Path(os.environ.get("PQFLOW_DATA_DIR", _default_data_dir()))
+    d = Path(os.environ.get("PQFLOW_DATA_DIR") or _default_data_dir())
     if not (d / "wikitext-2-raw" / "wiki.test.raw").is_file():
         pytest.exit(f"WikiText-2 raw not found under {d}; set PQFLOW_DATA_DIR", returncode=3)
     os.environ["PQFLOW_DATA_DIR"] = str(d)
