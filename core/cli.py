@@ -43,25 +43,177 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _endpoints(args: argparse.Namespace, recipe) -> tuple[str, str | None, bool, bool]:
+    """(artifact root, mlflow uri or None, need embedded S3, need embedded MLflow)."""
+    root = args.root or recipe.storage.root
+    if args.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+    s3_given = bool(os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"))
+    mlflow_uri = None
+    if not args.no_tracking:
+        mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or recipe.tracking.mlflow_uri
+    need_mlflow = not args.no_tracking and not mlflow_uri
+    need_s3 = (root.startswith("s3://") and not s3_given) or (need_mlflow and not s3_given)
+    return root, mlflow_uri, need_s3, need_mlflow
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from pqflow.local_run import run_plan
+    from pqflow import services
+    from pqflow.local_run import check_buildable, run_plan
     from pqflow.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    result = run_plan(recipe, args.root, force=args.force)
-    print(f"\nrun finished in {result.seconds:.0f}s; artifacts under {result.root}/{recipe.name}")
+    check_buildable(recipe)
+    root, mlflow_uri, need_s3, need_mlflow = _endpoints(args, recipe)
+    svc = None
+    if need_s3 or need_mlflow:
+        svc = services.running(args.state_dir)
+        if svc is not None:
+            print(f"[pqflow] using the services of 'pqflow up' ({svc.state}): MLflow {svc.mlflow_url}, "
+                  f"S3 {svc.s3_url}", file=sys.stderr)
+        else:
+            print(f"[pqflow] starting embedded {'S3 + ' if need_s3 else ''}{'MLflow' if need_mlflow else ''} "
+                  f"(state in {services.state_dir(args.state_dir)})", file=sys.stderr)
+            svc = services.start(args.state_dir, s3=need_s3, mlflow=need_mlflow,
+                                 s3_url=None if need_s3 else os.environ.get("AWS_ENDPOINT_URL"))
+        env = svc.env()
+        if not need_s3:  # the user's S3: keep their credentials
+            env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+        os.environ.update(env)
+        mlflow_uri = mlflow_uri or svc.mlflow_url
+    try:
+        result = run_plan(recipe, root, force=args.force, mlflow_uri=mlflow_uri)
+    finally:
+        if svc is not None and svc.owned:
+            print("[pqflow] stopping the embedded services (S3 contents kept in the state dir)", file=sys.stderr)
+            svc.stop()
+    reused = sum(o.skipped for o in result.outcomes.values())
+    print(f"\nrun finished in {result.seconds:.1f}s ({reused}/{len(result.outcomes)} steps reused); "
+          f"artifacts under {result.root.rstrip('/')}/{recipe.name}")
     for name, o in result.outcomes.items():
         s = o.summary
         extra = f"ppl {s['ppl']:.3f}, {s['model_bytes'] / 2**20:.1f} MiB" if "ppl" in s else ""
         print(f"  {name:<18} {'reused' if o.skipped else 'ran':<6} {o.uri}  {extra}")
+    if result.mlflow_uri:
+        exp_hint = f"{result.mlflow_uri}/#/experiments" if result.mlflow_uri.startswith("http") else result.mlflow_uri
+        print(f"metrics: MLflow {exp_hint} (experiment '{recipe.tracking.experiment}', parent run "
+              f"{result.parent_run_id})")
+        reg = result.registry
+        if reg:
+            print(f"model:   models:/{reg['registered_model']}@candidate (version {reg['model_version']}); "
+                  f"champion: {'yes' if reg.get('champion') else 'no'} - {reg.get('gate_reason', '')}")
+        if svc is not None and svc.owned:
+            print(f"         (embedded services are stopped; `pqflow up --state-dir {svc.state}` serves them again)")
     return 0
 
 
-def cmd_recipe_doc(args: argparse.Namespace) -> int:
-    from pqflow.recipe_doc import render_reference
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+    import time
 
-    print(render_reference(), end="")
+    from pqflow import services
+
+    svc = services.running(args.state_dir)
+    if svc is not None:
+        print(f"already running: MLflow UI {svc.mlflow_url}  S3 {svc.s3_url}  (state {svc.state})")
+        return 0
+    svc = services.start(args.state_dir, s3_port=args.s3_port, mlflow_port=args.mlflow_port)
+    print(f"MLflow UI:   {svc.mlflow_url}")
+    print(f"S3 endpoint: {svc.s3_url}  (access key {services.DUMMY_CREDS['AWS_ACCESS_KEY_ID']})")
+    print(f"state:       {svc.state}")
+    print("`pqflow run` uses these while they run. For other clients:")
+    for k, v in svc.env().items():
+        print(f"  export {k}={v}")
+    print("Ctrl-C stops them (S3 contents are kept in the state dir).", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    try:
+        while not stop and svc.healthy():
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        svc.stop()
     return 0
+
+
+def _cluster_opts(args: argparse.Namespace):
+    from pqflow.pipelines.compression import ClusterOptions
+
+    return ClusterOptions(registry=args.registry, version=args.image_version, root=args.root,
+                          mlflow_uri=args.mlflow_uri, s3_secret=args.s3_secret,
+                          env=_kv_env(args.env or []), image_pull_secrets=args.image_pull_secret or [])
+
+
+def _kv_env(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise PqflowError(f"--env expects NAME=VALUE, got '{item}'")
+        out[k] = v
+    return out
+
+
+def _warn_cluster_root(recipe, args: argparse.Namespace) -> None:
+    root = args.root or recipe.storage.root
+    if not root.startswith("s3://"):
+        print(f"[pqflow] warning: artifact root {root} is not s3://; pods on a cluster do not share it "
+              "(use --root s3://bucket/prefix)", file=sys.stderr)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pqflow.pipelines.compression import compile_pipeline, load_for_compile
+    from pqflow.plan import plan
+
+    recipe = load_for_compile(args.recipe)
+    _warn_cluster_root(recipe, args)
+    out = compile_pipeline(recipe, args.output, _cluster_opts(args))
+    print(f"{out}: {len(plan(recipe))} tasks ({' -> '.join(s.name for s in plan(recipe))})")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pqflow.pipelines.compression import load_for_compile
+    from pqflow.pipelines.remote import submit
+
+    recipe = load_for_compile(args.recipe)
+    _warn_cluster_root(recipe, args)
+    res = submit(recipe, args.host, opts=_cluster_opts(args), experiment=args.experiment,
+                 run_name=args.run_name, namespace=args.namespace, token=args.token)
+    print(f"submitted run {res['run_id']}: {res['url']}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pqflow.pipelines.compression import load_for_compile
+    from pqflow.pipelines.remote import schedule
+
+    recipe = load_for_compile(args.recipe)
+    _warn_cluster_root(recipe, args)
+    res = schedule(recipe, args.host, args.cron, opts=_cluster_opts(args), experiment=args.experiment,
+                   job_name=args.name, namespace=args.namespace, token=args.token)
+    print(f"recurring run {res['recurring_run_id']} created (cron '{args.cron}', experiment {res['experiment_id']})")
+    return 0
+
+
+def _cluster_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--registry", help="image registry prefix (default: $PQFLOW_REGISTRY or ghcr.io/pqflow)")
+    s.add_argument("--image-version", help="image tag (default: the pqflow version)")
+    s.add_argument("--root", help="artifact root URI, s3://bucket/prefix (default: the recipe's storage.root)")
+    s.add_argument("--mlflow-uri", help="MLflow tracking URI the stages log to (default: recipe.tracking.mlflow_uri)")
+    s.add_argument("--s3-secret", help="Kubernetes secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                   "AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, exposed as env to every stage")
+    s.add_argument("--env", action="append", metavar="NAME=VALUE", help="extra env var for every stage")
+    s.add_argument("--image-pull-secret", action="append", metavar="NAME")
+
+
+def _remote_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    s.add_argument("--experiment", help="KFP experiment (default: recipe.tracking.experiment)")
+    s.add_argument("--namespace", help="Kubeflow namespace (multi-user clusters)")
+    s.add_argument("--token", help="bearer token for the KFP API")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,13 +234,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="run even if the output is up to date")
     s.set_defaults(fn=cmd_stage)
 
-    s = sub.add_parser("run", help="run every enabled stage of a recipe on this machine")
+    s = sub.add_parser("run", help="run the whole pipeline on this machine (embedded S3 + MLflow by default)")
     s.add_argument("recipe")
     s.add_argument("--root", help="artifact root URI (default: the recipe's storage.root)")
     s.add_argument("--force", action="store_true", help="run every stage even if up to date")
+    s.add_argument("--mlflow-uri", help="use this MLflow server (default: $MLFLOW_TRACKING_URI, "
+                   "recipe.tracking.mlflow_uri, else an embedded one)")
+    s.add_argument("--s3-endpoint", help="use this S3 endpoint (default: $AWS_ENDPOINT_URL, else embedded when needed)")
+    s.add_argument("--no-tracking", action="store_true", help="no MLflow (and no embedded services for it)")
+    s.add_argument("--state-dir", help="embedded services' state (default: $PQFLOW_STATE_DIR or ./pqflow-runs/services)")
     s.set_defaults(fn=cmd_run)
-    s = sub.add_parser("recipe-doc", help="print the recipe reference (docs/recipe.md)")
-    s.set_defaults(fn=cmd_recipe_doc)
+
+    s = sub.add_parser("up", help="start the embedded S3 + MLflow and keep them running (prints the MLflow UI URL)")
+    s.add_argument("--state-dir", help="state folder (default: $PQFLOW_STATE_DIR or ./pqflow-runs/services)")
+    s.add_argument("--mlflow-port", type=int)
+    s.add_argument("--s3-port", type=int)
+    s.set_defaults(fn=cmd_up)
+
+    s = sub.add_parser("compile", help="compile a recipe's pipeline to KFP IR YAML")
+    s.add_argument("recipe")
+    s.add_argument("-o", "--output", default="pipeline.yaml")
+    _cluster_args(s)
+    s.set_defaults(fn=cmd_compile)
+
+    s = sub.add_parser("submit", help="run a recipe's pipeline once on a Kubeflow Pipelines cluster")
+    s.add_argument("recipe")
+    s.add_argument("--run-name")
+    _remote_args(s)
+    _cluster_args(s)
+    s.set_defaults(fn=cmd_submit)
+
+    s = sub.add_parser("schedule", help="create a recurring run of a recipe's pipeline on a KFP cluster")
+    s.add_argument("recipe")
+    s.add_argument("--cron", required=True, help='e.g. "0 3 * * *" (5 fields, or 6 with seconds first)')
+    s.add_argument("--name", help="recurring run name")
+    _remote_args(s)
+    _cluster_args(s)
+    s.set_defaults(fn=cmd_schedule)
     return p
 
 

@@ -1,0 +1,353 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per step, and the registry.
+
+* The parent run is created by whoever starts the pipeline (``pqflow run``) or, on a cluster, by the
+  first stage that finds none for its KFP run (tag ``pqflow.run_key``).
+* Every step logs a child run: the stage's params, the numeric summary as metrics, the artifact's
+  manifest and the plots and tables it wrote (``*.png``, ``*.json``), and whether it was reused.
+* The final ``evaluate`` step logs its model as an MLflow "models from code" pyfunc
+  (:mod:`pqflow.pyfunc_model`, weights as safetensors artifacts, no pickle), registers it under
+  ``recipe.model.name`` (default ``recipe.name``) with alias ``candidate``, and moves alias
+  ``champion`` to it only when the recipe's quality gate holds against ``evaluate-baseline`` of the
+  same run. The decision is logged (``gate_decision.json``, tags, metric ``gate_passed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pqflow import __version__
+from pqflow.artifacts import canonical_digest, is_s3, join, local_path, read_manifest
+from pqflow.errors import PqflowError
+from pqflow.recipe import Recipe
+from pqflow.runner import StageOutcome
+from pqflow.stages import get_stage
+
+LOGGED_SUFFIXES = (".png", ".json", ".csv", ".md", ".html")
+MAX_LOGGED_FILE = 20 * 2**20
+BASELINE_STEP = "evaluate-baseline"
+FINAL_STEP = "evaluate"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+
+# MLflow's client retries an unreachable server for minutes by default; fail within a minute.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def model_name(recipe: Recipe) -> str:
+    return recipe.model.name or recipe.name
+
+
+def check_reachable(uri: str, timeout: float = 5.0, attempts: int = 3) -> None:
+    """Fail fast with a message naming ``uri`` when the tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return  # file: / sqlite: stores need no server
+    last: Exception | None = None
+    for i in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+                if r.status == 200:
+                    return
+                last = PqflowError(f"HTTP {r.status}")
+        except urllib.error.HTTPError as e:
+            if e.code == 404:  # servers behind a proxy may not expose /health: try the REST API
+                try:
+                    urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
+                                           timeout=timeout).close()
+                    return
+                except Exception as e2:  # noqa: BLE001
+                    last = e2
+            else:
+                last = e
+        except (OSError, ValueError) as e:
+            last = e
+        if i + 1 < attempts:
+            time.sleep(1.0)
+    raise PqflowError(f"MLflow tracking server {uri} unreachable: {getattr(last, 'reason', last)}")
+
+
+def configure(uri: str) -> Any:
+    """Point mlflow at ``uri`` and return an ``MlflowClient``."""
+    for k, v in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - created concurrently by another stage
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = json.dumps(obj) if isinstance(obj, list | tuple) else str(obj)
+    return out
+
+
+def _numeric(summary: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def start_parent(client: Any, recipe: Recipe, run_key: str, *, root: str, steps: list[str],
+                 source: str = "local") -> str:
+    """Create the pipeline run's parent run; returns its id."""
+    exp = _experiment_id(client, recipe.tracking.experiment)
+    run = client.create_run(exp, run_name=f"{recipe.name}-{run_key[:8]}", tags={
+        "pqflow.run_key": run_key, "pqflow.recipe": recipe.name, "pqflow.root": root,
+        "pqflow.steps": ",".join(steps), "pqflow.orchestrator": source, "pqflow.version": __version__,
+    })
+    rid = run.info.run_id
+    params = {"model.source": recipe.model.source, "model.dtype": recipe.model.dtype,
+              "model.name": model_name(recipe), "stages.enabled": ",".join(recipe.enabled_stages()),
+              "storage.root": root}
+    gate = recipe.tracking.gate
+    params.update({f"gate.{k}": str(v) for k, v in gate.model_dump().items()})
+    client.log_batch(rid, params=_params(params))
+    client.log_text(rid, json.dumps(recipe.model_dump(mode="json"), indent=2, sort_keys=True), "recipe.json")
+    return rid
+
+
+def find_or_create_parent(client: Any, recipe: Recipe, run_key: str, root: str) -> str:
+    """The parent run of KFP run ``run_key`` (used on a cluster, where no client creates it)."""
+    exp = _experiment_id(client, recipe.tracking.experiment)
+    flt = f"tags.`pqflow.run_key` = '{run_key}' and tags.`pqflow.recipe` = '{recipe.name}'"
+    found = client.search_runs([exp], flt, order_by=["attributes.start_time ASC"], max_results=5)
+    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    if parents:
+        return parents[0].info.run_id
+    from pqflow.plan import plan
+
+    return start_parent(client, recipe, run_key, root=root, steps=[s.name for s in plan(recipe)], source="kfp")
+
+
+def end_parent(client: Any, run_id: str, ok: bool, metrics: dict[str, float] | None = None) -> None:
+    if metrics:
+        client.log_batch(run_id, metrics=_metrics(metrics))
+    client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def _params(d: dict[str, str]):
+    from mlflow.entities import Param
+
+    return [Param(k[:250], str(v)[:6000]) for k, v in d.items()]
+
+
+def _metrics(d: dict[str, float]):
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(k, v, ts, 0) for k, v in d.items()]
+
+
+def _artifact_files(uri: str, manifest: dict[str, Any], dest: Path) -> list[Path]:
+    """The small human-readable files of an artifact (plots, tables, JSON), as local paths."""
+    wanted = [rel for rel, info in manifest.get("files", {}).items()
+              if rel.endswith(LOGGED_SUFFIXES) and info.get("bytes", 0) <= MAX_LOGGED_FILE]
+    if not is_s3(uri):
+        base = local_path(uri)
+        return [base / rel for rel in wanted if (base / rel).is_file()]
+    from pqflow.artifacts import _s3, _split_s3  # the artifact store's own client and endpoint
+
+    bucket, prefix = _split_s3(uri)
+    s3 = _s3()
+    out = []
+    for rel in wanted:
+        p = dest / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, f"{prefix}/{rel}", str(p))
+        out.append(p)
+    return out
+
+
+class StageTracker:
+    """``on_done`` hook for :func:`pqflow.runner.run_stage`: logs the step's child run, and for the
+    final ``evaluate`` step registers the model and applies the quality gate."""
+
+    def __init__(self, mlflow_uri: str, recipe: Recipe, root: str, step: str, *, parent_run: str = "",
+                 run_key: str = "") -> None:
+        self.uri, self.recipe, self.root, self.step = mlflow_uri, recipe, root, step
+        self.parent_run, self.run_key = parent_run, run_key
+        self.result: dict[str, Any] = {}
+
+    def __call__(self, outcome: StageOutcome) -> None:
+        client = configure(self.uri)
+        if not self.parent_run:
+            key = self.run_key or canonical_digest({"recipe": self.recipe.model_dump(mode="json")})
+            self.parent_run = find_or_create_parent(client, self.recipe, key, self.root)
+        child = log_step(client, self.parent_run, self.recipe, self.step, outcome)
+        self.result["mlflow_run_id"] = child
+        if self.step == FINAL_STEP and outcome.stage == "evaluate":
+            self.result.update(register(client, self.parent_run, child, self.recipe, self.root, outcome))
+
+
+def log_step(client: Any, parent_id: str, recipe: Recipe, step: str, outcome: StageOutcome) -> str:
+    parent = client.get_run(parent_id)
+    spec = get_stage(outcome.stage)
+    run = client.create_run(parent.info.experiment_id, run_name=step, tags={
+        "mlflow.parentRunId": parent_id, "pqflow.step": step, "pqflow.stage": outcome.stage,
+        "pqflow.uri": outcome.uri, "pqflow.digest": outcome.manifest.get("digest", ""),
+        "pqflow.fingerprint": outcome.manifest.get("fingerprint", ""),
+        "pqflow.reused": str(outcome.skipped).lower(),
+    })
+    rid = run.info.run_id
+    cfg = recipe.stage(spec.key).model_dump(mode="json", exclude={"resources", "enabled"})
+    params = _flat(cfg)
+    params.update({f"input.{k}": a.uri for k, a in outcome.inputs.items()})
+    metrics = _numeric(outcome.summary)
+    metrics["stage_seconds"] = float(outcome.seconds)
+    metrics["reused"] = float(outcome.skipped)
+    metrics["artifact_bytes_out"] = float(outcome.manifest.get("bytes", 0))
+    client.log_batch(rid, metrics=_metrics(metrics), params=_params(params))
+    with tempfile.TemporaryDirectory(prefix="pqflow-track-") as tmp:
+        client.log_text(rid, json.dumps(outcome.manifest, indent=2, sort_keys=True), "manifest.json")
+        for f in _artifact_files(outcome.uri, outcome.manifest, Path(tmp)):
+            client.log_artifact(rid, str(f), "outputs")
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+# -- registry -----------------------------------------------------------------------------------------
+
+def gate_decision(recipe: Recipe, final: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """Does ``final`` (evaluate summary) pass the recipe's quality gate against ``baseline``?"""
+    gate = recipe.tracking.gate
+    checks: list[dict[str, Any]] = []
+    if gate.max_ppl_increase is not None:
+        if baseline is None or "ppl" not in baseline:
+            checks.append({"check": "max_ppl_increase", "held": False,
+                           "why": f"no {BASELINE_STEP} step in this run to compare with"})
+        else:
+            rise = final["ppl"] / baseline["ppl"] - 1.0
+            checks.append({"check": "max_ppl_increase", "held": rise <= gate.max_ppl_increase,
+                           "value": rise, "limit": gate.max_ppl_increase,
+                           "baseline_ppl": baseline["ppl"], "ppl": final["ppl"]})
+    if gate.max_bytes is not None:
+        b = final.get("model_bytes")
+        checks.append({"check": "max_bytes", "held": b is not None and b <= gate.max_bytes,
+                       "value": b, "limit": gate.max_bytes})
+    held = bool(checks) and all(c["held"] for c in checks)
+    if not checks:
+        why = "the recipe sets no quality gate (tracking.gate): champion is left unchanged"
+    elif held:
+        why = "every gate check holds: champion moves to this version"
+    else:
+        fails = []
+        for c in checks:
+            if not c["held"]:
+                fails.append(f"{c['check']} fails ({c['why']})" if "why" in c
+                             else f"{c['check']} fails ({c['value']:.4g} > {c['limit']:.4g})")
+        why = "; ".join(fails) + ": champion is left unchanged"
+    return {"champion": held, "checks": checks, "reason": why,
+            "baseline_ppl": (baseline or {}).get("ppl"), "ppl": final.get("ppl"),
+            "model_bytes": final.get("model_bytes")}
+
+
+def _model_key(recipe: Recipe, outcome: StageOutcome) -> str:
+    if "model" in outcome.inputs:
+        return outcome.inputs["model"].digest
+    return canonical_digest({"source": recipe.model.source, "dtype": recipe.model.dtype, "pqflow": __version__})
+
+
+def _model_folder(recipe: Recipe, outcome: StageOutcome, tmp: Path) -> Path:
+    """The evaluated model as a folder of safetensors + config + tokenizer files."""
+    if "model" in outcome.inputs:
+        return outcome.inputs["model"].path
+    from pqflow.models import load_source, save_model
+
+    loaded = load_source(recipe.model.source, recipe.model.dtype)
+    return save_model(loaded.model, loaded.tokenizer, tmp / "model")
+
+
+def register(client: Any, parent_id: str, child_id: str, recipe: Recipe, root: str,
+             outcome: StageOutcome) -> dict[str, Any]:
+    """Log + register the evaluated model (reusing a version with the same weights), set aliases."""
+
+    name = model_name(recipe)
+    final = outcome.summary
+    base_manifest = read_manifest(join(root, recipe.name, BASELINE_STEP))
+    baseline = base_manifest.get("summary") if base_manifest else None
+    key = _model_key(recipe, outcome)
+    version = None
+    try:
+        for mv in client.search_model_versions(f"name = '{name}'"):
+            if mv.tags.get("pqflow.model_key") == key and mv.status == "READY":
+                version = mv.version
+                break
+    except Exception:  # noqa: BLE001 - no such registered model yet
+        version = None
+    reused = version is not None
+    if not reused:
+        ev = recipe.stages.evaluate
+        with tempfile.TemporaryDirectory(prefix="pqflow-model-") as tmp:
+            folder = _model_folder(recipe, outcome, Path(tmp))
+            info = _log_pyfunc(child_id, folder, name, ev.seqlen, ev.max_windows or 0, ev.batch_size,
+                               ev.data.source, ev.data.field)
+        version = str(info.registered_model_version)
+        for k, v in {"pqflow.model_key": key, "pqflow.run_key": client.get_run(parent_id).data.tags.get(
+                "pqflow.run_key", ""), "pqflow.mlflow_run": child_id, "pqflow.recipe": recipe.name,
+                "ppl": f"{final.get('ppl')}", "model_bytes": f"{final.get('model_bytes')}"}.items():
+            client.set_model_version_tag(name, version, k, v)
+    client.set_registered_model_alias(name, "candidate", version)
+    decision = gate_decision(recipe, final, baseline)
+    decision.update(model=name, version=version, reused_version=reused)
+    if decision["champion"]:
+        client.set_registered_model_alias(name, "champion", version)
+    client.set_model_version_tag(name, version, "pqflow.gate", "passed" if decision["champion"] else "failed")
+    for rid in (parent_id, child_id):
+        client.log_dict(rid, decision, "gate_decision.json")
+        client.set_tag(rid, "pqflow.gate", "passed" if decision["champion"] else "failed")
+        client.set_tag(rid, "pqflow.registered", f"models:/{name}/{version}")
+        client.log_metric(rid, "gate_passed", float(decision["champion"]))
+    print(f"[pqflow] registry: {name} version {version} ({'reused' if reused else 'new'}) -> @candidate; "
+          f"gate: {decision['reason']}", file=sys.stderr)
+    return {"registered_model": name, "model_version": version, "champion": decision["champion"],
+            "gate_reason": decision["reason"], "parent_run_id": parent_id}
+
+
+def _log_pyfunc(run_id: str, folder: Path, name: str, seqlen: int, max_windows: int, batch_size: int,
+                data: str, field: str):
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    sig = infer_signature(pd.DataFrame({"text": ["a b c"]}),
+                          pd.DataFrame({"ppl": [1.0], "nll": [0.0], "windows": [1.0], "tokens": [1.0]}),
+                          params={"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size})
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id != run_id:
+        raise PqflowError("an unrelated MLflow run is active in this process")
+    with mlflow.start_run(run_id=run_id, nested=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # type-hint and input-example hints
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_FILE),
+            artifacts={"model": str(folder)},
+            signature=sig,
+            registered_model_name=name,
+            metadata={"pqflow_version": __version__, "eval_data": data, "eval_field": field},
+            pip_requirements=[f"pqflow=={__version__}", "torch", "transformers", "safetensors", "pandas"],
+        )
