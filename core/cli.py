@@ -216,6 +216,13 @@ def _remote_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--token", help="bearer token for the KFP API")
 
 
+def cmd_recipe_doc(args: argparse.Namespace) -> int:
+    from pqflow.recipe_doc import render_reference
+
+    print(render_reference(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pqflow", description="Compress LLMs: prune, quantize, tune, evaluate.")
     p.add_argument("--version", action="version", version=f"pqflow {__version__}")
@@ -271,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_args(s)
     _cluster_args(s)
     s.set_defaults(fn=cmd_schedule)
+
+    s = sub.add_parser("recipe-doc", help="print the recipe reference (docs/recipe.md)")
+    s.set_defaults(fn=cmd_recipe_doc)
     return p
 
 
