@@ -22,10 +22,14 @@ def kfp_cron(expr: str) -> str:
 
 
 def client(host: str, namespace: str | None = None, existing_token: str | None = None):
+    import warnings
+
     import kfp
 
     try:
-        return kfp.Client(host=host, namespace=namespace, existing_token=existing_token)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP >= 2.0.0-beta.2"
+            return kfp.Client(host=host, namespace=namespace, existing_token=existing_token)
     except Exception as e:  # noqa: BLE001 - kfp raises many kinds; one line naming the host
         raise PqflowError(f"KFP API at {host} unreachable or refused the connection: {e}") from None
 
@@ -34,7 +38,7 @@ def _experiment(c: Any, name: str, namespace: str | None) -> str:
     try:
         return c.create_experiment(name=name, namespace=namespace).experiment_id
     except Exception as e:  # noqa: BLE001
-        raise PqflowError(f"KFP API at {c._host if hasattr(c, '_host') else '?'}: cannot get experiment '{name}': {e}") from None
+        raise PqflowError(f"KFP API: cannot get or create experiment '{name}': {e}") from None
 
 
 def submit(recipe: Recipe, host: str, *, opts: ClusterOptions | None = None, experiment: str | None = None,
@@ -59,6 +63,7 @@ def schedule(recipe: Recipe, host: str, cron: str, *, opts: ClusterOptions | Non
              token: str | None = None, max_concurrency: int = 1, params: dict[str, Any] | None = None
              ) -> dict[str, str]:
     """Compile ``recipe`` and create a recurring run on ``cron``; returns its id."""
+    cron6 = kfp_cron(cron)  # a bad expression fails before any request
     c = client(host, namespace, token)
     exp_id = _experiment(c, experiment or recipe.tracking.experiment, namespace)
     with tempfile.TemporaryDirectory(prefix="pqflow-kfp-") as tmp:
@@ -66,7 +71,7 @@ def schedule(recipe: Recipe, host: str, cron: str, *, opts: ClusterOptions | Non
         try:
             job = c.create_recurring_run(
                 experiment_id=exp_id, job_name=job_name or f"{pipeline_name(recipe)}-scheduled",
-                description=f"pqflow recipe {recipe.name}, cron {cron}", cron_expression=kfp_cron(cron),
+                description=f"pqflow recipe {recipe.name}, cron {cron}", cron_expression=cron6,
                 max_concurrency=max_concurrency, no_catchup=True, params=params or {},
                 pipeline_package_path=str(pkg), enable_caching=False, enabled=True)
         except Exception as e:  # noqa: BLE001
