@@ -126,7 +126,7 @@ def test_candidate_loads_back_and_reproduces_ppl(env, first_run):
     mv = c.get_model_version_by_alias("tiny-track", "candidate")
     assert mv.version == result.registry["model_version"]
     mlflow.set_tracking_uri(env)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-track@candidate"))
+    local = Path(mlflow.artifacts.download_artifacts("models:/tiny-track@candidate"))
     assert not list(local.rglob("*.pkl")), "the logged model must not contain pickles"
     assert list(local.rglob("*.safetensors"))
     assert "pyfunc_model.py" in (local / "MLmodel").read_text()
@@ -163,7 +163,9 @@ def test_champion_moves_only_when_the_gate_holds(env):
     assert res.registry["champion"] is False
     assert "evaluate-baseline" in res.registry["gate_reason"]
     assert c.get_model_version_by_alias("tiny-gate", "candidate")
-    with pytest.raises(Exception):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):
         c.get_model_version_by_alias("tiny-gate", "champion")
     decision = mlflow.artifacts.load_dict(f"runs:/{res.parent_run_id}/gate_decision.json")
     assert decision["champion"] is False and decision["checks"][0]["check"] == "max_ppl_increase"
