@@ -76,6 +76,7 @@ class Services:
     owned: bool = True
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
     _logs: list = field(default_factory=list, repr=False)
+    _mlflow_s3: str | None = field(default=None, repr=False)
 
     def env(self) -> dict[str, str]:
         """Environment for clients of these services (boto3, pqflow artifacts, mlflow)."""
@@ -106,28 +107,33 @@ class Services:
         self.pids[name] = proc.pid
         return proc
 
-    def start_s3(self, port: int | None = None, timeout: float = 60) -> None:
+    def spawn_s3(self, port: int | None = None) -> None:
         port = port or free_port()
         self.s3_url = f"http://127.0.0.1:{port}"
-        proc = self._spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], {})
-        wait_http(self._s3_health(), timeout, proc, "embedded S3 (moto_server)")
+        self._spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], {})
+
+    def wait_s3(self, timeout: float = 60) -> None:
+        wait_http(self._s3_health(), timeout, self._procs["s3"], "embedded S3 (moto_server)")
         restore_s3(self.s3_url, self.state)
 
-    def start_mlflow(self, port: int | None = None, s3_url: str | None = None, timeout: float = 120) -> None:
+    def spawn_mlflow(self, port: int | None = None, s3_url: str | None = None) -> None:
         s3_url = s3_url or self.s3_url
         if not s3_url:
             raise PqflowError("the embedded MLflow server keeps its artifacts in S3: start S3 first or give an endpoint")
-        _ensure_bucket(s3_url, MLFLOW_BUCKET, embedded=s3_url == self.s3_url)
         port = port or free_port()
         self.mlflow_url = f"http://127.0.0.1:{port}"
+        self._mlflow_s3 = s3_url
         env = {**DUMMY_CREDS, "MLFLOW_S3_ENDPOINT_URL": s3_url, "AWS_ENDPOINT_URL": s3_url} if s3_url == self.s3_url \
             else {"MLFLOW_S3_ENDPOINT_URL": s3_url}
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1",
                "--backend-store-uri", f"sqlite:///{self.state / 'mlflow.db'}",
                "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/artifacts"]
-        proc = self._spawn("mlflow", cmd, env)
-        wait_http(self._mlflow_health(), timeout, proc, "embedded MLflow server")
+        self._spawn("mlflow", cmd, env)
+
+    def wait_mlflow(self, timeout: float = 120) -> None:
+        _ensure_bucket(self._mlflow_s3, MLFLOW_BUCKET, embedded=self._mlflow_s3 == self.s3_url)
+        wait_http(self._mlflow_health(), timeout, self._procs["mlflow"], "embedded MLflow server")
 
     def save(self) -> None:
         data = {"s3_url": self.s3_url, "mlflow_url": self.mlflow_url, "pids": self.pids, "owner": os.getpid()}
@@ -187,10 +193,15 @@ def start(state: str | os.PathLike[str] | None = None, *, s3: bool = True, mlflo
     st.mkdir(parents=True, exist_ok=True)
     svc = Services(st)
     try:
+        # Both start at once (MLflow needs ~10 s to answer); the S3 mirror is restored meanwhile.
         if s3 and not s3_url:
-            svc.start_s3(s3_port)
+            svc.spawn_s3(s3_port)
         if mlflow:
-            svc.start_mlflow(mlflow_port, s3_url)
+            svc.spawn_mlflow(mlflow_port, s3_url)
+        if s3 and not s3_url:
+            svc.wait_s3()
+        if mlflow:
+            svc.wait_mlflow()
     except BaseException:
         svc.stop()
         raise
