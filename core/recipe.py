@@ -110,6 +110,10 @@ class QuantizeStage(MethodStage):
     bits: Literal[2, 3, 4, 8] = Field(4, description="default bits of every quantized linear")
     group_size: int | None = Field(64, description="input columns per scale; null = per output channel")
     symmetric: bool = Field(False, description="symmetric codes (no zero point)")
+    embedding_bits: Literal[2, 3, 4, 8] | None = Field(
+        None, description="bits of the input embedding (round-to-nearest); null = kept in fp16")
+    lm_head_bits: Literal[2, 3, 4, 8] | None = Field(
+        None, description="bits of the output head; a tied head always follows embedding_bits")
 
 
 class FinetuneStage(MethodStage):
