@@ -51,7 +51,9 @@ def _endpoints(args: argparse.Namespace, recipe) -> tuple[str, str | None, bool,
     s3_given = bool(os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
                     or os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"))
     mlflow_uri = None
-    if not args.no_tracking:
+    if args.no_tracking:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # the components would fall back to it
+    else:
         mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or recipe.tracking.mlflow_uri
     need_mlflow = not args.no_tracking and not mlflow_uri
     need_s3 = (root.startswith("s3://") and not s3_given) or (need_mlflow and not s3_given)
