@@ -206,3 +206,29 @@ def test_bad_cron_and_unreachable_host_fail_cleanly(capsys):
     assert "--cron" in capsys.readouterr().err
     assert main(["submit", str(TINY), "--host", "http://127.0.0.1:9"]) == 2
     assert "127.0.0.1:9" in capsys.readouterr().err
+
+
+# -- resume ------------------------------------------------------------------------------------------
+
+def test_a_step_that_dies_midway_leaves_no_manifest_and_is_redone(tmp_path, tiny_recipe, monkeypatch):
+    import pqflow.stages.evaluate as ev
+    from pqflow.local_run import run_plan
+
+    root = f"file://{tmp_path / 'art'}"
+    real = ev.run
+
+    def dies(recipe, inputs, out):
+        (out / "half.bin").write_bytes(b"x" * 100)
+        raise KeyboardInterrupt  # as if killed mid-way
+
+    monkeypatch.setattr(ev, "run", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(tiny_recipe, root)
+    base = tmp_path / "art" / "tiny"
+    assert (base / "calibrate" / "manifest.json").is_file()
+    assert sorted(p.name for p in base.iterdir()) == ["calibrate"]  # no evaluate, no partial folder
+    monkeypatch.setattr(ev, "run", real)
+    res = run_plan(tiny_recipe, root)
+    assert res.outcomes["calibrate"].skipped and not res.outcomes["evaluate"].skipped
+    again = run_plan(tiny_recipe, root)
+    assert again.reused_all
