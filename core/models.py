@@ -124,6 +124,7 @@ Loader = Callable[[Path, dict[str, Any]], LoadedModel]
 _LOADERS: dict[str, str] = {
     # format -> "module:function"; the function takes (folder, meta) and returns a LoadedModel
     "hf": "pqflow.models:load_hf_folder",
+    "pqflow-pruned": "pqflow.methods.prune.format:load_pruned_folder",
     "pqflow-quant": "pqflow.quant.model:load_quantized",
 }
 

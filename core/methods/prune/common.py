@@ -1,0 +1,28 @@
+"""Parameters every prune method shares: the post-pruning correction and its calibration data."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CommonParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    correction: Literal["none", "reformation", "mask-tuning"] = Field(
+        "none", description="post-pruning correction of kept weights from calibration data (no training)")
+    correct_windows: int | None = Field(64, ge=1, description="calibration windows the correction uses; null = all")
+    correct_target: Literal["residual", "layer"] = Field(
+        "residual", description="residual: match the original hidden states (also absorbs upstream error); "
+                                "layer: match each module's own original output (Search-LLM)")
+    propagate: bool = Field(True, description="feed each layer the pruned model's activations (sequential), "
+                                              "not the original model's")
+    correct_all: bool = Field(True, description="also correct layers that were not cut (they see shifted inputs)")
+    damping: float = Field(0.01, gt=0, description="ridge towards the original weights, fraction of mean diag of XᵀX")
+    batch_size: int = Field(8, ge=1, description="windows per forward pass during correction")
+    protect_first: int = Field(0, ge=0, description="first decoder layers never cut")
+    protect_last: int = Field(0, ge=0, description="last decoder layers never cut")
+
+
+def prunable_layers(n_layers: int, p: CommonParams) -> list[int]:
+    return [i for i in range(n_layers) if p.protect_first <= i < n_layers - p.protect_last]

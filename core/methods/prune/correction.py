@@ -1,0 +1,178 @@
+"""Post-pruning correction of kept weights from calibration activations, without training.
+
+One sequential pass over the decoder: the original model and the pruned one run side by side,
+layer by layer, on the same calibration windows. For each kept layer the inputs ``X`` of o_proj
+and down_proj in the pruned model and a target ``T`` (what those modules should output) give two
+statistics, ``G = XᵀX`` and ``C = TᵀX``, from which
+
+- ``reformation`` (Search-LLM) refits the whole kept weight matrix by least squares,
+  ``W' = argmin ‖T - W' X‖² + λ‖W' - W‖²  =  (C + λW)(G + λI)⁻¹`` — with ``target=layer`` and
+  ``propagate=False`` this is exactly ``W X Xₖᵀ (Xₖ Xₖᵀ + λI)⁻¹``;
+- ``mask-tuning`` (COMP) fits one real scale per kept input neuron, ``W' = W diag(s)``, from the
+  normal equations ``((WᵀW) ⊙ G) s = diag(Wᵀ C)`` (ridge towards ``s = 1``).
+
+Targets: ``layer`` is the module's own output in the original model; ``residual`` is what the
+module must add to the pruned residual stream to land on the original hidden state, so errors from
+earlier cuts and removed layers are absorbed too. o_proj is corrected before the MLP's input is
+computed, so down_proj sees (and fixes) the corrected attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pqflow.methods.importance.common import decoder_layers
+from pqflow.methods.prune.common import CommonParams
+
+
+@dataclass
+class Accum:
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    target_sq: float = 0.0
+
+    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        t = t.reshape(-1, t.shape[-1]).double()
+        g, c = x.T @ x, t.T @ x
+        self.gram = g if self.gram is None else self.gram + g
+        self.cross = c if self.cross is None else self.cross + c
+        self.target_sq += float((t * t).sum())
+
+    def error(self, w: torch.Tensor) -> float:
+        """Relative ``‖T - W X‖² / ‖T‖²`` from the statistics alone."""
+        w = w.double()
+        sq = self.target_sq - 2 * float((w * self.cross).sum()) + float(((w @ self.gram) * w).sum())
+        return max(sq, 0.0) / max(self.target_sq, 1e-30)
+
+
+def reform(w: torch.Tensor, acc: Accum, damping: float) -> torch.Tensor:
+    g = acc.gram
+    lam = damping * float(g.diagonal().mean())
+    a = g + lam * torch.eye(len(g), dtype=g.dtype)
+    rhs = acc.cross + lam * w.double()
+    return torch.linalg.solve(a, rhs.T).T  # a is symmetric: (rhs a⁻¹)ᵀ = a⁻¹ rhsᵀ
+
+
+def mask_tune(w: torch.Tensor, acc: Accum, damping: float) -> torch.Tensor:
+    wd = w.double()
+    a = (wd.T @ wd) * acc.gram
+    b = (wd * acc.cross).sum(0)
+    lam = damping * float(a.diagonal().mean())
+    s = torch.linalg.solve(a + lam * torch.eye(len(a), dtype=a.dtype), b + lam)
+    return wd * s[None, :]
+
+
+@dataclass
+class CorrectionReport:
+    layers: list[dict] = field(default_factory=list)
+
+    def mean_gain(self) -> float:
+        pairs = [(r["before"], r["after"]) for r in self.layers]
+        return sum(b - a for b, a in pairs) / max(len(pairs), 1)
+
+
+def causal_mask(model: nn.Module, seqlen: int) -> torch.Tensor | None:
+    # SDPA is causal on its own when given no mask; other kernels need the mask spelled out.
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return None
+    return torch.full((seqlen, seqlen), float("-inf")).triu(1)[None, None]
+
+
+def _attn_input(layer: nn.Module, h: torch.Tensor, pos: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None) -> torch.Tensor:
+    """The attention's o_proj input for hidden states ``h``."""
+    got: list[torch.Tensor] = []
+    handle = layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: got.append(a[0]))
+    try:
+        layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=pos, attention_mask=mask)
+    finally:
+        handle.remove()
+    return got[0]
+
+
+def _mlp_input(layer: nn.Module, h_mid: torch.Tensor) -> torch.Tensor:
+    m = layer.mlp
+    u = layer.post_attention_layernorm(h_mid)
+    return m.act_fn(m.gate_proj(u)) * m.up_proj(u)
+
+
+@torch.no_grad()
+def correct(original: nn.Module, pruned: nn.Module, kept: list[int], cut: set[int], windows: torch.Tensor,
+            p: CommonParams, progress: bool = True) -> CorrectionReport:
+    """Correct ``pruned`` in place. ``kept[j]`` is the original index of pruned layer ``j``; ``cut``
+    holds the original indices of layers whose width was cut."""
+    fix = reform if p.correction == "reformation" else mask_tune
+    o_layers, p_layers = decoder_layers(original), decoder_layers(pruned)
+    slot = {orig: j for j, orig in enumerate(kept)}
+    bs = p.batch_size
+    h_o = original.model.embed_tokens(windows)
+    h_p = h_o.clone()
+    pos_ids = torch.arange(windows.shape[1])[None, :]
+    pos = original.model.rotary_emb(h_o[:1], position_ids=pos_ids)
+    mask = causal_mask(original, windows.shape[1])
+    report = CorrectionReport()
+    n = len(windows)
+    for i in tqdm(range(len(o_layers)), desc=p.correction, disable=not progress):
+        lo = o_layers[i]
+        j = slot.get(i)
+        after_gap = i > 0 and (i - 1) not in slot  # this layer now also stands in for removed ones
+        active = j is not None and (p.correct_all or i in cut or after_gap)
+        mid_o = torch.empty_like(h_o)
+        out_o = torch.empty_like(h_o)
+        a_o = torch.empty_like(h_o) if active and p.correct_target == "layer" else None
+        m_o = torch.empty_like(h_o) if active and p.correct_target == "layer" else None
+        for s in range(0, n, bs):
+            x = h_o[s: s + bs]
+            a = lo.self_attn.o_proj(_attn_input(lo, x, pos, mask))
+            mid_o[s: s + bs] = x + a
+            mm = lo.mlp.down_proj(_mlp_input(lo, x + a))
+            out_o[s: s + bs] = x + a + mm
+            if a_o is not None:
+                a_o[s: s + bs], m_o[s: s + bs] = a, mm
+        if j is not None:
+            lp = p_layers[j]
+            src = h_p if p.propagate else h_o
+            if active:
+                acc_a = Accum()
+                xs = []
+                for s in range(0, n, bs):
+                    xa = _attn_input(lp, src[s: s + bs], pos, mask)
+                    xs.append(xa)
+                    t = a_o[s: s + bs] if a_o is not None else mid_o[s: s + bs] - src[s: s + bs]
+                    acc_a.add(xa, t)
+                w = lp.self_attn.o_proj.weight
+                before = acc_a.error(w.data)
+                new = fix(w.data, acc_a, p.damping)
+                rec = {"layer": i, "module": "o_proj", "before": before, "after": acc_a.error(new)}
+                if rec["after"] < before:
+                    w.data.copy_(new.to(w.dtype))
+                report.layers.append(rec)
+                acc_m = Accum()
+                mids, xms = [], []
+                for k, s in enumerate(range(0, n, bs)):
+                    hm = src[s: s + bs] + lp.self_attn.o_proj(xs[k])
+                    xm = _mlp_input(lp, hm)
+                    mids.append(hm)
+                    xms.append(xm)
+                    t = m_o[s: s + bs] if m_o is not None else out_o[s: s + bs] - hm
+                    acc_m.add(xm, t)
+                del xs
+                w = lp.mlp.down_proj.weight
+                before = acc_m.error(w.data)
+                new = fix(w.data, acc_m, p.damping)
+                rec = {"layer": i, "module": "down_proj", "before": before, "after": acc_m.error(new)}
+                if rec["after"] < before:
+                    w.data.copy_(new.to(w.dtype))
+                report.layers.append(rec)
+                if p.propagate:
+                    h_p = torch.cat([hm + lp.mlp.down_proj(xm) for hm, xm in zip(mids, xms, strict=True)])
+                del mids, xms
+            elif p.propagate:
+                h_p = torch.cat([lp(h_p[s: s + bs], position_embeddings=pos, attention_mask=mask) for s in range(0, n, bs)])
+        h_o = out_o
+    return report

@@ -1,0 +1,68 @@
+"""The ``pqflow-pruned`` model format: a Hugging Face folder (config.json + safetensors) whose
+decoder layers have different head counts or MLP widths, listed in the config under
+``pqflow_layer_shapes``. The loader builds the architecture from the config, shrinks each layer's
+linears to its listed shape and loads the safetensors; no pickled modules anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pqflow.methods.importance.common import decoder_layers
+from pqflow.methods.prune.surgery import SHAPES_KEY
+from pqflow.models import LoadedModel
+
+FORMAT = "pqflow-pruned"
+
+
+def _resize(lin: nn.Linear, d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=lin.bias is not None, dtype=lin.weight.dtype, device="meta")
+
+
+def shape_layers(model: nn.Module, shapes: list[list[int]]) -> None:
+    """Give each decoder layer its (n_heads, n_kv_heads, intermediate) shape, weights left empty."""
+    for layer, (nh, nkv, inter) in zip(decoder_layers(model), shapes, strict=True):
+        a, m = layer.self_attn, layer.mlp
+        hd, hidden = a.head_dim, a.q_proj.in_features
+        a.q_proj = _resize(a.q_proj, hidden, nh * hd)
+        a.k_proj = _resize(a.k_proj, hidden, nkv * hd)
+        a.v_proj = _resize(a.v_proj, hidden, nkv * hd)
+        a.o_proj = _resize(a.o_proj, nh * hd, hidden)
+        a.num_key_value_groups = nh // nkv
+        m.gate_proj = _resize(m.gate_proj, hidden, inter)
+        m.up_proj = _resize(m.up_proj, hidden, inter)
+        m.down_proj = _resize(m.down_proj, inter, hidden)
+        if hasattr(m, "intermediate_size"):
+            m.intermediate_size = inter
+
+
+def load_pruned_folder(folder: Path, meta: dict[str, Any]) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    shapes = getattr(config, SHAPES_KEY, None)
+    if shapes is None:
+        raise ValueError(f"{folder}/config.json: format {FORMAT} needs '{SHAPES_KEY}'")
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shape_layers(model, shapes)
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{folder}: weights do not match the pruned shapes "
+                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    if tied:
+        model.tie_weights()
+    tok = AutoTokenizer.from_pretrained(folder)
+    return LoadedModel(model.eval(), tok, str(folder))
