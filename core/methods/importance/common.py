@@ -191,8 +191,8 @@ def block_influence(model: nn.Module, windows: torch.Tensor, batch_size: int = 4
 
     def gram_hook(i: int, key: str):
         def fn(_m: nn.Module, args: tuple) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            g = x.T @ x
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            g = (x.T @ x).double()
             gram[i][key] = gram[i][key] + g if key in gram[i] else g
 
         return fn

@@ -36,12 +36,13 @@ class Accum:
     target_sq: float = 0.0
 
     def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        t = t.reshape(-1, t.shape[-1]).double()
-        g, c = x.T @ x, t.T @ x
+        # float32 products per batch (fast GEMM), float64 running sums (no drift over many batches)
+        x = x.reshape(-1, x.shape[-1]).float()
+        t = t.reshape(-1, t.shape[-1]).float()
+        g, c = (x.T @ x).double(), (t.T @ x).double()
         self.gram = g if self.gram is None else self.gram + g
         self.cross = c if self.cross is None else self.cross + c
-        self.target_sq += float((t * t).sum())
+        self.target_sq += float((t.double() ** 2).sum())
 
     def error(self, w: torch.Tensor) -> float:
         """Relative ``‖T - W X‖² / ‖T‖²`` from the statistics alone."""
