@@ -102,6 +102,30 @@ class BitSearchStage(MethodStage):
     method: str = Field("nevergrad", description="bit-search method")
     avg_bits: float | None = Field(None, gt=1.0, le=16.0, description="budget as average bits incl. overhead")
     budget_bytes: int | None = Field(None, gt=0, description="budget as total bytes of the quantized linears")
+    granularity: Literal["layer", "linear"] = Field("linear", description="one precision per decoder layer or per linear")
+    choices: list[str] = Field(
+        default_factory=lambda: ["2g64", "3g64", "3g128", "4g64", "4g128", "8g128"],
+        description="precisions to choose from: '<bits>g<group>', '<bits>pc' (per row) or '16' (keep in fp16)")
+    symmetric: bool = Field(False, description="symmetric grids (no zero points), as the quantize stage will use")
+    objective: Literal["kl", "nll"] = Field("kl", description="measured on held-out tokens: KL to the full model's logits, or NLL")
+    heldout_windows: int = Field(8, ge=1, description="held-out windows the objective is measured on")
+    heldout_seqlen: int = Field(256, ge=8, description="tokens per held-out window")
+    seed: int = Field(0, description="seed of the search (and of the mutual-information clustering)")
+    cache_mb: int = Field(3000, ge=0, description="memory for cached fake-quantized weights (MiB)")
+
+    @field_validator("choices")
+    @classmethod
+    def _valid_choices(cls, v: list[str]) -> list[str]:
+        from pqflow.methods.bitsearch.space import parse_choice
+
+        if not v:
+            raise ValueError("at least one bit choice is needed")
+        for c in v:
+            try:
+                parse_choice(c)
+            except Exception as e:  # noqa: BLE001 - reported as this field's validation error
+                raise ValueError(str(e)) from None
+        return v
 
 
 class QuantizeStage(MethodStage):

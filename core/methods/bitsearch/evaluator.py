@@ -1,0 +1,178 @@
+"""Measure an allocation: fake-quantize the model as ``quantize`` would and score a held-out batch.
+
+Every trial only swaps weight tensors: the dequantized weight of each (module, choice) is computed
+once by the quantization engine's own code and kept in a size-capped cache. The model runs one
+decoder block at a time over the whole batch, and the hidden states entering every block are
+kept for a few recent allocations, so a candidate that first differs from one of them at block
+``i`` re-runs only blocks ``i..L`` (sensitivity probes of one layer, and mutations of one
+incumbent, are much cheaper than full forwards).
+
+Objectives (lower is better): ``kl`` — mean per-token KL(full model || quantized) over the
+batch; ``nll`` — mean next-token NLL (``ppl`` is its exp, reported alongside).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pqflow.methods.bitsearch.space import KEEP_BITS, Choice, SearchSpace, layer_of
+from pqflow.methods.quant.blocks import capture_inputs, decoder_layers
+from pqflow.quant.grid import fake_quantize
+
+# (fp weight, choice, symmetric) -> the weight the quantized module computes with
+WeightFn = Callable[[str, torch.Tensor, Choice, bool], torch.Tensor]
+
+
+def rtn_weight(name: str, w: torch.Tensor, choice: Choice, symmetric: bool) -> torch.Tensor:
+    """Round-to-nearest exactly as ``QuantLinear.from_linear`` stores it (fp16 scales)."""
+    del name
+    if choice.bits == KEEP_BITS:
+        return w.to(torch.float16).to(w.dtype)  # quantize keeps the float remainder in fp16
+    return fake_quantize(w, choice.bits, choice.group_size, symmetric, scale_dtype=torch.float16).to(w.dtype)
+
+
+@dataclass
+class Measure:
+    objective: float
+    nll: float
+    kl: float | None
+    seconds: float
+    start_layer: int  # first block that had to run (0 = full forward)
+
+
+class WeightCache:
+    """Dequantized weights per (module, choice), least recently used dropped beyond ``cap_bytes``."""
+
+    def __init__(self, fp: dict[str, torch.Tensor], symmetric: bool, weight_fn: WeightFn, cap_bytes: int) -> None:
+        self.fp, self.symmetric, self.weight_fn, self.cap = fp, symmetric, weight_fn, cap_bytes
+        self._d: OrderedDict[tuple[str, Choice], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, module: str, choice: Choice) -> torch.Tensor:
+        key = (module, choice)
+        t = self._d.get(key)
+        if t is not None:
+            self._d.move_to_end(key)
+            return t
+        t = self.weight_fn(module, self.fp[module], choice, self.symmetric).contiguous()
+        self._d[key] = t
+        self._bytes += t.numel() * t.element_size()
+        while self._bytes > self.cap and len(self._d) > 1:
+            _, old = self._d.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+        return t
+
+
+class Evaluator:
+    """Scores allocations of ``space`` on ``windows`` (``[n, seqlen]`` held-out tokens)."""
+
+    def __init__(self, model: nn.Module, space: SearchSpace, windows: torch.Tensor, objective: str = "kl",
+                 weight_fn: WeightFn = rtn_weight, cache_mb: int = 3000, trajectories: int = 3,
+                 batch_size: int = 8) -> None:
+        if objective not in ("kl", "nll"):
+            raise ValueError(f"objective '{objective}': expected 'kl' or 'nll'")
+        self.model, self.space, self.windows, self.objective = model, space, windows, objective
+        self.linears = {n: model.get_submodule(n) for n in space.modules}
+        self.fp = {n: m.weight.data for n, m in self.linears.items()}
+        self.cache = WeightCache(self.fp, space.symmetric, weight_fn, cache_mb * 2**20)
+        self.layers = decoder_layers(model)
+        prefix = {layer_of(n) for n in space.modules}
+        self.layer_names = [f"{p}" for p in sorted(prefix, key=lambda s: int(s.rsplit(".", 1)[1]))]
+        self.layer_modules = [[n for n in space.modules if layer_of(n) == p] for p in self.layer_names]
+        self.n_traj = trajectories
+        self._traj: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+        self._current: dict[str, Choice | None] = dict.fromkeys(space.modules)
+        with torch.no_grad():
+            self.inputs = capture_inputs(model, windows, batch_size=len(windows))
+            self.ref_logp: torch.Tensor | None = None
+            self._fp_key = self._key({})
+            hidden = self._run_layers(self.inputs.hidden, 0)
+            self._traj[self._fp_key] = hidden
+            logits = self._logits(hidden[-1])
+            if objective == "kl":
+                self.ref_logp = torch.cat([F.log_softmax(x, dim=-1) for x in logits])
+            self.fp_nll = self._nll(logits)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _key(self, choices: dict[str, Choice]) -> tuple:
+        return tuple(tuple(choices.get(m) for m in mods) for mods in self.layer_modules)
+
+    def _run_layers(self, h: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """Hidden states entering blocks ``start..L`` (last = final block output)."""
+        out = [h]
+        for layer in self.layers[start:]:
+            y = layer(h, **self.inputs.kwargs)
+            h = y[0] if isinstance(y, tuple) else y
+            out.append(h)
+        return out
+
+    def _logits(self, h: torch.Tensor) -> list[torch.Tensor]:
+        inner = self.model.model
+        head = self.model.get_output_embeddings()
+        return [head(inner.norm(h[i : i + 1]))[0, :-1].float() for i in range(len(h))]
+
+    def _nll(self, logits: list[torch.Tensor]) -> float:
+        tot = sum(F.cross_entropy(lg, w[1:], reduction="sum").item() for lg, w in zip(logits, self.windows, strict=True))
+        return tot / sum(len(w) - 1 for w in self.windows)
+
+    def _kl(self, logits: list[torch.Tensor]) -> float:
+        assert self.ref_logp is not None
+        n = logits[0].shape[0]
+        tot = 0.0
+        for i, lg in enumerate(logits):
+            ref = self.ref_logp[i * n : (i + 1) * n]
+            tot += (ref.exp() * (ref - F.log_softmax(lg, dim=-1))).sum().item()
+        return tot / (n * len(logits))
+
+    def _apply(self, choices: dict[str, Choice]) -> None:
+        for m, lin in self.linears.items():
+            c = choices.get(m)
+            if self._current[m] != c:
+                lin.weight.data = self.fp[m] if c is None else self.cache.get(m, c)
+                self._current[m] = c
+
+    def restore(self) -> None:
+        """Put the full-precision weights back."""
+        self._apply({})
+
+    # -- public ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure_modules(self, choices: dict[str, Choice]) -> Measure:
+        """Score the model with ``choices`` applied (modules absent stay full precision)."""
+        t0 = time.perf_counter()
+        key = self._key(choices)
+        start, base = 0, None
+        for k, traj in self._traj.items():
+            same = 0
+            while same < len(key) and k[same] == key[same]:
+                same += 1
+            if same > start or base is None:
+                start, base = same, (k, traj)
+        assert base is not None
+        self._apply(choices)
+        hidden = base[1][: start + 1] + self._run_layers(base[1][start], start)[1:]
+        if key != self._fp_key:  # the full-precision trajectory always stays
+            self._traj[key] = hidden
+            self._traj.move_to_end(key)
+            while len(self._traj) > self.n_traj + 1:
+                del self._traj[next(k for k in self._traj if k != self._fp_key)]
+        logits = self._logits(hidden[-1])
+        nll = self._nll(logits)
+        kl = self._kl(logits) if self.ref_logp is not None else None
+        obj = kl if self.objective == "kl" else nll
+        return Measure(float(obj), nll, kl, time.perf_counter() - t0, start)
+
+    def measure(self, alloc: Sequence[int]) -> Measure:
+        return self.measure_modules(self.space.module_choices(alloc))
+
+    @staticmethod
+    def ppl(m: Measure) -> float:
+        return math.exp(m.nll)
