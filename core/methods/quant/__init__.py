@@ -10,6 +10,7 @@ from pqflow.registry import MethodRegistry
 REGISTRY = MethodRegistry("quantize", {
     "rtn": "pqflow.methods.quant.rtn",
     "gptq": "pqflow.methods.quant.gptq",
+    "mrem": "pqflow.methods.quant.mrem",
     "bnb-nf4": "pqflow.methods.quant.bnb_nf4",
     "bnb-int8": "pqflow.methods.quant.bnb_int8",
 })

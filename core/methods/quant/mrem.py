@@ -1,0 +1,244 @@
+"""MREM: module-wise reconstruction error minimisation (Bai et al., 2021).
+
+Each module (``blocks_per_module`` consecutive decoder blocks) is first quantized by GPTQ (or
+RTN), then its quantization scales — and, optionally, the module's RMSNorm gains — are learned
+with Adam so that the quantized module's output matches the full-precision module's output
+``‖f_q(x) − f(x)‖²`` on calibration windows. The codes stay those of the initialiser; scales
+are learned in the log domain (a multiplicative correction), so a step never flips a sign.
+
+Two ways to feed a module:
+
+- ``inputs: quantized`` (default): modules run in order; module ``i`` sees the outputs of the
+  already-quantized modules ``< i`` and is trained towards the fp model's own hidden states, so
+  it also absorbs the error of its predecessors.
+- ``inputs: fp``: every module sees the fp model's hidden states. Modules are then independent
+  and run in parallel, ``workers`` processes (``torch.multiprocessing``, spawn), each with
+  ``cpu_count / workers`` threads; a worker receives the module's fp weights and cached
+  inputs/targets through shared memory and returns the quantized module. ``anneal`` mixes in
+  the quantized predecessor's output, ``x = (1-λ)·x_fp + λ·x_q`` with λ growing 0→1 over the
+  steps (MREM's annealed teacher forcing), when modules run in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from pqflow.methods.quant import gptq as gptq_mod
+from pqflow.methods.quant.blocks import BlockInputs, block_linears, capture_inputs, decoder_layers, run_block
+from pqflow.methods.quant.plan import Plan
+from pqflow.quant.linear import QuantLinear
+from pqflow.quant.model import set_module
+
+NEEDS_CALIBRATION = True
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    init: Literal["gptq", "rtn"] = Field("gptq", description="initial codes and scales")
+    steps: int = Field(60, ge=0, description="Adam steps per module")
+    lr: float = Field(2e-3, gt=0, description="learning rate of the log-scale corrections")
+    norm_lr: float = Field(1e-3, ge=0, description="learning rate of the RMSNorm gains (0 = frozen)")
+    batch_windows: int = Field(2, ge=1, description="calibration windows per Adam step")
+    n_windows: int = Field(32, ge=1, description="calibration windows used")
+    blocks_per_module: int = Field(1, ge=1, description="consecutive decoder blocks optimised together")
+    inputs: Literal["quantized", "fp"] = Field("quantized", description="what feeds each module (see module doc)")
+    anneal: bool = Field(False, description="annealed teacher forcing from fp to quantized inputs (inputs: quantized)")
+    workers: int = Field(1, ge=1, description="parallel processes (inputs: fp only)")
+    gptq: gptq_mod.Params = Field(default_factory=lambda: gptq_mod.Params(n_windows=None, batch_size=4),
+                                  description="settings of the GPTQ initialiser")
+    seed: int = Field(0, description="seed of the minibatch order")
+
+
+class _ScaleTuned(nn.Module):
+    """Stand-in for a QuantLinear while its scales are learned: codes are cached as floats and
+    the weight is ``(q − z) · s₀ · exp(a)``, differentiable in ``a``."""
+
+    def __init__(self, q: QuantLinear) -> None:
+        super().__init__()
+        self.q = q
+        self.register_buffer("cz", (q.codes().float() - q.zero_points()[:, q.gidx]))
+        self.register_buffer("s0", q.scales.detach().float())
+        self.log_a = nn.Parameter(torch.zeros_like(self.s0))
+        self.bias = None if q.bias is None else q.bias.detach().float()
+
+    def scales(self) -> torch.Tensor:
+        return self.s0 * torch.exp(self.log_a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.cz * self.scales()[:, self.q.gidx]
+        return nn.functional.linear(x, w, self.bias)
+
+    def commit(self) -> QuantLinear:
+        self.q.scales.data = self.scales().detach().to(self.q.scales.dtype)
+        return self.q
+
+
+def _norms(module: nn.Module) -> list[nn.Parameter]:
+    return [m.weight for n, m in module.named_modules() if "norm" in type(m).__name__.lower() and hasattr(m, "weight")]
+
+
+def tune_module(module: nn.Module, x_in: torch.Tensor, y_fp: torch.Tensor, kwargs: dict[str, Any],
+                params: Params, x_fp: torch.Tensor | None = None, progress: bool = True) -> dict[str, float]:
+    """Learn the scales (and norm gains) of an already-quantized ``module`` in place; returns
+    the module's output MSE on all its calibration windows before and after."""
+    qnames = [n for n, m in module.named_modules() if isinstance(m, QuantLinear)]
+    tuned = {n: _ScaleTuned(module.get_submodule(n)) for n in qnames}
+    for n, t in tuned.items():
+        set_module(module, n, t)
+    norms = _norms(module) if params.norm_lr > 0 else []
+    trainable = {id(t.log_a) for t in tuned.values()} | {id(p) for p in norms}
+    was = {p: p.requires_grad for p in module.parameters()}
+    for p in module.parameters():
+        p.requires_grad_(id(p) in trainable)
+    groups = [{"params": [t.log_a for t in tuned.values()], "lr": params.lr}]
+    if norms:
+        groups.append({"params": norms, "lr": params.norm_lr})
+    opt = torch.optim.Adam(groups)
+    g = torch.Generator().manual_seed(params.seed)
+    before = _loss(module, x_in, y_fp, kwargs)
+    for step in tqdm(range(params.steps), desc="mrem steps", leave=False, disable=not progress):
+        idx = torch.randperm(len(x_in), generator=g)[: params.batch_windows]
+        x = x_in[idx]
+        if params.anneal and x_fp is not None:
+            lam = min(1.0, 2 * step / max(params.steps, 1))  # fp inputs first, quantized ones from halfway
+            x = (1 - lam) * x_fp[idx] + lam * x
+        out = module(x, **kwargs)
+        loss = ((out[0] if isinstance(out, tuple) else out) - y_fp[idx]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for n, t in tuned.items():
+        set_module(module, n, t.commit())
+    for p, r in was.items():
+        p.requires_grad_(r)
+    after = _loss(module, x_in, y_fp, kwargs)
+    return {"mse_before": before, "mse_after": after}
+
+
+@torch.no_grad()
+def _loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs: dict[str, Any], bs: int = 4) -> float:
+    tot = 0.0
+    for i in range(0, len(x), bs):
+        out = module(x[i : i + bs], **kwargs)
+        tot += float(((out[0] if isinstance(out, tuple) else out) - y[i : i + bs]).pow(2).sum())
+    return tot / y.numel()
+
+
+class _Module(nn.Module):
+    """Consecutive decoder blocks run as one module."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        for b in self.blocks:
+            y = b(x, **kwargs)
+            x = y[0] if isinstance(y, tuple) else y
+        return x
+
+
+def _quantize_init(module: _Module, prefixes: list[str], plan: Plan, inputs: BlockInputs, params: Params) -> None:
+    """GPTQ (block by block, on the module's own inputs) or RTN codes and scales."""
+    x = inputs
+    for blk, prefix in zip(module.blocks, prefixes, strict=True):
+        if params.init == "gptq":
+            gptq_mod.quantize_block(blk, prefix, plan, x, params.gptq)
+        else:
+            for name, lin in block_linears(blk, prefix).items():
+                if name in plan:
+                    sp = plan[name]
+                    set_module(blk, name[len(prefix) + 1 :], QuantLinear.from_linear(lin, sp.bits, sp.group_size, sp.symmetric))
+        if len(module.blocks) > 1:
+            with torch.no_grad():
+                x = BlockInputs(run_block(blk, x), x.kwargs, x.batch_size)
+
+
+def process_module(module: _Module, prefixes: list[str], plan: Plan, x_in: torch.Tensor, y_fp: torch.Tensor,
+                   kwargs: dict[str, Any], params: Params, x_fp: torch.Tensor | None = None,
+                   progress: bool = True) -> tuple[_Module, dict[str, float]]:
+    _quantize_init(module, prefixes, plan, BlockInputs(x_in, kwargs, params.gptq.batch_size), params)
+    stats = tune_module(module, x_in, y_fp, kwargs, params, x_fp, progress)
+    return module, stats
+
+
+def _worker(args: tuple) -> tuple[int, _Module, dict[str, float]]:
+    i, module, prefixes, plan, x_in, y_fp, kwargs, params, threads = args
+    torch.set_num_threads(threads)
+    module, stats = process_module(module, prefixes, plan, x_in, y_fp, kwargs, params, progress=False)
+    return i, module, stats
+
+
+def quantize(model: nn.Module, windows: torch.Tensor | None, plan: Plan, params: Params) -> nn.Module:
+    if windows is None:
+        raise ValueError("mrem needs calibration windows (a 'calib' input)")
+    if params.workers > 1 and params.inputs != "fp":
+        raise ValueError("mrem: workers > 1 needs inputs: fp (modules fed by quantized predecessors run in order)")
+    t0 = time.perf_counter()
+    windows = windows[: params.n_windows]
+    fp = capture_inputs(model, windows, params.gptq.batch_size)
+    layers = decoder_layers(model)
+    k = params.blocks_per_module
+    spans = [list(range(i, min(i + k, len(layers)))) for i in range(0, len(layers), k)]
+    report: dict[str, float] = {}
+    if params.inputs == "fp":
+        _run_parallel(model, layers, spans, plan, fp, params, report)
+    else:
+        xq = fp.hidden.clone()
+        for span in tqdm(spans, desc="mrem modules"):
+            module = _Module([layers[i] for i in span])
+            with torch.no_grad():  # fp targets first, from the module's fp weights
+                y_fp = run_block(module, fp)
+            xin = BlockInputs(xq, fp.kwargs, fp.batch_size)
+            _, st = process_module(module, [f"model.layers.{i}" for i in span], plan, xq, y_fp, fp.kwargs,
+                                   params, x_fp=fp.hidden if params.anneal else None)
+            report.update({f"model.layers.{span[0]}.{k2}": v for k2, v in st.items()})
+            with torch.no_grad():
+                xq = run_block(module, xin)
+            fp.hidden = y_fp
+    model.quant_errors = report
+    print(f"[pqflow] mrem: {len(spans)} modules in {time.perf_counter() - t0:.0f}s "
+          f"({params.inputs} inputs, {params.workers} worker(s))", file=sys.stderr)
+    return model
+
+
+def _run_parallel(model: nn.Module, layers: nn.ModuleList, spans: list[list[int]], plan: Plan,
+                  fp: BlockInputs, params: Params, report: dict[str, float]) -> None:
+    """Independent modules: cache every module's fp input and output, then fan out."""
+    jobs = []
+    x = fp.hidden
+    for j, span in enumerate(spans):
+        module = _Module([layers[i] for i in span])
+        with torch.no_grad():
+            y = run_block(module, BlockInputs(x, fp.kwargs, fp.batch_size))
+        jobs.append((j, copy.deepcopy(module) if params.workers > 1 else module,
+                     [f"model.layers.{i}" for i in span], plan, x, y, fp.kwargs, params,
+                     max(1, (os.cpu_count() or 1) // params.workers)))
+        x = y
+    if params.workers == 1:
+        results = map(_worker, jobs)
+        torch.set_num_threads(torch.get_num_threads())
+    else:
+        ctx = torch.multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=params.workers, mp_context=ctx)
+        results = pool.map(_worker, jobs)
+    threads = torch.get_num_threads()
+    try:
+        for j, module, stats in tqdm(results, total=len(jobs), desc="mrem modules"):
+            for blk, i in zip(module.blocks, spans[j], strict=True):
+                layers[i] = blk
+            report.update({f"model.layers.{spans[j][0]}.{k}": v for k, v in stats.items()})
+    finally:
+        if params.workers > 1:
+            pool.shutdown()
+        torch.set_num_threads(threads)
