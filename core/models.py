@@ -126,6 +126,7 @@ _LOADERS: dict[str, str] = {
     "hf": "pqflow.models:load_hf_folder",
     "pqflow-pruned": "pqflow.methods.prune.format:load_pruned_folder",
     "pqflow-quant": "pqflow.quant.model:load_quantized",
+    "pqflow-lora": "pqflow.methods.tuning.format:load_lora_folder",
 }
 
 

@@ -111,7 +111,7 @@ class BitSearchStage(MethodStage):
     heldout_windows: int = Field(8, ge=1, description="held-out windows the objective is measured on")
     heldout_seqlen: int = Field(256, ge=8, description="tokens per held-out window")
     seed: int = Field(0, description="seed of the search (and of the mutual-information clustering)")
-    cache_mb: int = Field(3000, ge=0, description="memory for cached fake-quantized weights (MiB)")
+    cache_mb: int = Field(2000, ge=0, description="memory for cached quantized codes of every (module, choice) tried (MiB)")
 
     @field_validator("choices")
     @classmethod
@@ -143,7 +143,9 @@ class QuantizeStage(MethodStage):
 class FinetuneStage(MethodStage):
     enabled: bool = Field(False, description="a disabled stage is skipped and produces nothing")
     method: str = Field("lora", description="recovery fine-tuning method")
-    data: DataRef = Field(default_factory=DataRef)
+    data: DataRef = Field(default_factory=DataRef, description="train split for training, heldout split for validation")
+    verify_reload: bool = Field(True, description="reload the written artifact and compare its logits with the tuned model's")
+    reload_tolerance: float = Field(1e-3, ge=0, description="largest allowed absolute logit difference on reload")
 
 
 class EvaluateStage(StageBase):

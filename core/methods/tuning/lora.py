@@ -1,0 +1,159 @@
+"""``lora``: peft LoRA adapters on the frozen base (QLoRA / QPruner recovery).
+
+Bases: float (``hf`` / ``pqflow-pruned``), our packed ``pqflow-quant`` layers (through
+:class:`~pqflow.methods.tuning.lora_layer.QuantLoraLinear`, a peft custom module) and
+bitsandbytes NF4 / int8 layers (peft's own bnb LoRA layers). A float base is merged after training
+(``merge: true``) and saved in its own format; a packed base is kept byte for byte and the adapter
+saved beside it in peft's format (format ``pqflow-lora``).
+
+``init: loftq`` takes a float model and quantizes it here (our grid, ``loftq_bits`` /
+``loftq_group_size``) alternating with rank-r fits of the residual, so the packed base plus the
+initial adapter start close to the float weights (see :mod:`.loftq`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from pqflow.methods.tuning.common import (
+    ADAPTER_DIR,
+    FORMAT,
+    Base,
+    Tuned,
+    copy_base_files,
+    trainable_parameters,
+)
+from pqflow.methods.tuning.train import TrainData, TrainParams, resolve_device, train
+from pqflow.models import DTYPES, save_hf, save_model
+from pqflow.quant import QuantLinear
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Params(TrainParams):
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="lora_alpha; the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEARS),
+                                      description="leaf names of the linears that get adapters")
+    init: Literal["default", "gaussian", "loftq"] = Field(
+        "default", description="default: A Kaiming, B zero (peft); loftq: quantize here, adapters fit the residual")
+    loftq_bits: Literal[2, 3, 4, 8] = Field(4, description="loftq: bits of the packed base")
+    loftq_group_size: int | None = Field(64, description="loftq: input columns per scale; null = per row")
+    loftq_symmetric: bool = Field(False, description="loftq: symmetric grid")
+    loftq_iter: int = Field(1, ge=1, description="loftq: alternating quantize / SVD rounds")
+    merge: bool = Field(True, description="merge adapters into a float base after training")
+    base_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="cast a float base to this dtype for training (adapters stay float32)")
+    cache_dequantized: bool = Field(False, description="packed base: keep dequantized weights between steps (faster, float-model memory)")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+               for m in model.modules())
+
+
+def _no_files(model: nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
+    return {}  # the base was written before training; only the model meta is left to write
+
+
+def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
+    model, tok = base.model, base.tokenizer
+    base_meta = dict(base.meta)
+    out.mkdir(parents=True, exist_ok=True)
+    if base.fmt == FORMAT:
+        if not base.meta.get("merged"):
+            raise ValueError("the input already carries an unmerged LoRA adapter; tune its base or merge first")
+        base_meta = dict(base.meta["base"])
+    quantized = is_quantized(model)
+    info: dict[str, Any] = {"base_format": base_meta.get("format", "hf"), "init": p.init}
+    if p.base_dtype is not None:
+        if quantized:
+            raise ValueError("params.base_dtype: the base is quantized; its compute dtype is fixed")
+        model.to(DTYPES[p.base_dtype])
+    scaling = p.alpha / p.r
+    torch.manual_seed(p.seed)
+    loftq_init = None
+    if p.init == "loftq":
+        if quantized:
+            raise ValueError("params.init=loftq needs a float (unquantized) input model: LoftQ quantizes it itself")
+        from pqflow.methods.tuning.loftq import loftq_quantize
+        from pqflow.quant.model import FORMAT as QFORMAT
+        from pqflow.quant.model import save_quantized
+
+        loftq_init, stats = loftq_quantize(model, p.target_modules, p.r, scaling, p.loftq_bits,
+                                           p.loftq_group_size, p.loftq_symmetric, p.loftq_iter)
+        info.update(stats)
+        # Saving rounds the float remainder to fp16 in memory too, so training sees the saved base.
+        extra = save_quantized(model, tok, out)
+        base_meta = {"format": QFORMAT, "method": "loftq-rtn", **extra}
+        quantized = True
+    merge = p.merge and not quantized
+    if not merge and p.init != "loftq":
+        if base.folder is not None and p.base_dtype is None:
+            copy_base_files(base.folder, out)  # the frozen base, byte for byte
+        else:
+            save_hf(model, tok, out)
+            base_meta["format"] = base_meta.get("format", "hf")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.cache = p.cache_dequantized
+
+    peft_model = _wrap(model, p)
+    if loftq_init is not None:
+        _set_adapters(peft_model, loftq_init)
+    device = resolve_device(p.device)
+    peft_model.to(device)
+    trainable = trainable_parameters(peft_model)
+    n_train = sum(t.numel() for t in trainable.values())
+    hist = train(peft_model, trainable, data, p, desc="lora")
+    peft_model.to("cpu")
+    peft_model.save_pretrained(str(out / ADAPTER_DIR))
+    if merge:
+        merged = peft_model.merge_and_unload()
+        save_model(merged, tok, out, fmt=FORMAT, saver=save_hf, base=base_meta, adapter=ADAPTER_DIR,
+                   merged=True, method="lora")
+        result = merged
+    else:
+        save_model(peft_model, tok, out, fmt=FORMAT, saver=_no_files, base=base_meta, adapter=ADAPTER_DIR,
+                   merged=False, method="lora")
+        result = peft_model.get_base_model()
+    info["merged"] = merge
+    print(f"[pqflow] lora: r={p.r} on {len(p.target_modules)} module kinds, {n_train:,} trainable params, "
+          f"{'merged into the float base' if merge else 'kept beside the frozen base'}", file=sys.stderr)
+    return Tuned(result.eval(), hist, n_train, info)
+
+
+def _wrap(model: nn.Module, p: Params) -> nn.Module:
+    from peft import get_peft_model
+
+    from pqflow.methods.tuning.lora_layer import lora_config
+
+    cfg = lora_config(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.target_modules),
+                      init_lora_weights="gaussian" if p.init == "gaussian" else True, bias="none")
+    return get_peft_model(model, cfg)
+
+
+@torch.no_grad()
+def _set_adapters(peft_model: nn.Module, init: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    from peft.tuners.lora.layer import LoraLayer
+
+    done = 0
+    for name, m in peft_model.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        key = next((k for k in init if name.endswith("." + k) or name == k), None)
+        if key is None:
+            continue
+        a, b = init[key]
+        m.lora_A["default"].weight.copy_(a)
+        m.lora_B["default"].weight.copy_(b)
+        done += 1
+    if done != len(init):
+        raise RuntimeError(f"LoftQ: initialised {done} adapters, expected {len(init)}")
