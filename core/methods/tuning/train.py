@@ -38,7 +38,9 @@ class TrainParams(BaseModel):
     eval_windows: int = Field(16, ge=1, description="held-out windows (of seqlen tokens) for validation")
     keep_best: bool = Field(True, description="restore the trainable state with the lowest validation ppl")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory, ~30% slower)")
-    max_minutes: float | None = Field(None, gt=0, description="stop training after this wall-clock time")
+    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget: training stops when it is spent, "
+                                      "and the cosine schedule follows whichever budget runs out first")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads while training; null = torch's default")
     seed: int = Field(0, description="seeds adapter init, window order and dropout")
     device: str = Field("auto", description="auto (cuda when available) | cpu | cuda[:n]")
 
@@ -104,11 +106,14 @@ class WindowSampler:
         return torch.stack(rows)
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine down to ``min_ratio`` at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float, time_frac: float = 0.0) -> float:
+    """Linear warm-up to 1, then cosine down to ``min_ratio`` at ``total`` steps, or earlier when
+    ``time_frac`` (the spent fraction of a wall-clock budget) runs ahead of the step count, so a
+    time-capped run still ends with a decayed learning rate."""
     if warmup and step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = max((step - warmup) / max(1, total - warmup), time_frac)
+    progress = min(1.0, progress)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -138,7 +143,10 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], data: TrainData,
     sampler = WindowSampler(data.train_ids, p.seqlen, p.seed)
     params = list(trainable.values())
     opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, p.steps, p.warmup_steps, p.min_lr_ratio))
+    budget_s = 60 * p.max_minutes if p.max_minutes is not None else math.inf
+    threads = torch.get_num_threads()
+    if p.threads is not None:
+        torch.set_num_threads(p.threads)
     if p.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -156,6 +164,10 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], data: TrainData,
     t0 = time.perf_counter()
     bar = tqdm(range(p.steps), desc=desc, file=sys.stderr, mininterval=5)
     for step in bar:
+        elapsed = time.perf_counter() - t0
+        lr = p.lr * lr_factor(step, p.steps, p.warmup_steps, p.min_lr_ratio, elapsed / budget_s)
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(p.grad_accum):
@@ -166,14 +178,12 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], data: TrainData,
             hist.tokens += batch.numel()
         if p.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm)
-        lr = opt.param_groups[0]["lr"]
         opt.step()
-        sched.step()
         hist.steps.append({"step": step + 1, "loss": total, "lr": lr})
         hist.steps_done = step + 1
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.1e}", refresh=False)
         last = step + 1 == p.steps
-        out_of_time = p.max_minutes is not None and time.perf_counter() - t0 > 60 * p.max_minutes
+        out_of_time = time.perf_counter() - t0 > budget_s
         if (step + 1) % p.eval_every == 0 or last or out_of_time:
             ppl = validation_ppl(model, heldout, p.batch_size)
             hist.evals.append({"step": step + 1, "ppl": ppl})
@@ -188,6 +198,7 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], data: TrainData,
             break
     bar.close()
     hist.seconds = time.perf_counter() - t0
+    torch.set_num_threads(threads)
     model.eval()
     if p.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
