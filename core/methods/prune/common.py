@@ -18,6 +18,8 @@ class CommonParams(BaseModel):
     propagate: bool = Field(True, description="feed each layer the pruned model's activations (sequential), "
                                               "not the original model's")
     correct_all: bool = Field(True, description="also correct layers that were not cut (they see shifted inputs)")
+    refit_inputs: bool = Field(False, description="reformation: also refit q/k/v and gate/up so they map the pruned "
+                                                   "model's inputs onto the original outputs")
     damping: float = Field(0.01, gt=0, description="ridge towards the original weights, fraction of mean diag of XᵀX")
     batch_size: int = Field(8, ge=1, description="windows per forward pass during correction")
     protect_first: int = Field(0, ge=0, description="first decoder layers never cut")

@@ -7,7 +7,8 @@ statistics, ``G = XᵀX`` and ``C = TᵀX``, from which
 
 - ``reformation`` (Search-LLM) refits the whole kept weight matrix by least squares,
   ``W' = argmin ‖T - W' X‖² + λ‖W' - W‖²  =  (C + λW)(G + λI)⁻¹`` — with ``target=layer`` and
-  ``propagate=False`` this is exactly ``W X Xₖᵀ (Xₖ Xₖᵀ + λI)⁻¹``;
+  ``propagate=False`` this is Search-LLM's ``W X Xₖᵀ (Xₖ Xₖᵀ + λI)⁻¹`` except that the ridge pulls
+  towards the kept weights rather than towards zero (so a large λ means "leave W alone");
 - ``mask-tuning`` (COMP) fits one real scale per kept input neuron, ``W' = W diag(s)``, from the
   normal equations ``((WᵀW) ⊙ G) s = diag(Wᵀ C)`` (ridge towards ``s = 1``).
 
@@ -15,6 +16,10 @@ Targets: ``layer`` is the module's own output in the original model; ``residual`
 module must add to the pruned residual stream to land on the original hidden state, so errors from
 earlier cuts and removed layers are absorbed too. o_proj is corrected before the MLP's input is
 computed, so down_proj sees (and fixes) the corrected attention.
+
+``refit_inputs`` extends reformation to the input side: q/k/v and gate/up are refit so that, fed
+the pruned model's (shifted) normalized hidden states, they reproduce their outputs on the
+original model's; this needs only the Grams of those inputs in both models.
 """
 
 from __future__ import annotations
@@ -102,12 +107,47 @@ def _mlp_input(layer: nn.Module, h_mid: torch.Tensor) -> torch.Tensor:
     return m.act_fn(m.gate_proj(u)) * m.up_proj(u)
 
 
+def _apply(fix, lin: nn.Linear, acc: Accum, damping: float, rec: dict, report: CorrectionReport) -> None:
+    w = lin.weight
+    before = acc.error(w.data)
+    new = fix(w.data, acc, damping)
+    rec.update(before=before, after=acc.error(new))
+    if rec["after"] < before:  # a worse fit (possible only through damping) is not applied
+        w.data.copy_(new.to(w.dtype))
+    report.layers.append(rec)
+
+
+@dataclass
+class InputAccum:
+    """Statistics of a linear's input in both models: ``X_pᵀX_p``, ``X_oᵀX_p`` and ``X_oᵀX_o``.
+
+    The target of a row-cut linear fed the pruned input is its own output on the original input,
+    ``T = X_o Wᵀ``, so ``TᵀX_p = W X_oᵀX_p``: every linear reading this input shares these."""
+
+    pp: torch.Tensor | None = None
+    op: torch.Tensor | None = None
+    oo: torch.Tensor | None = None
+
+    def add(self, xp: torch.Tensor, xo: torch.Tensor) -> None:
+        xp = xp.reshape(-1, xp.shape[-1]).float()
+        xo = xo.reshape(-1, xo.shape[-1]).float()
+        pp, op, oo = (xp.T @ xp).double(), (xo.T @ xp).double(), (xo.T @ xo).double()
+        self.pp = pp if self.pp is None else self.pp + pp
+        self.op = op if self.op is None else self.op + op
+        self.oo = oo if self.oo is None else self.oo + oo
+
+    def for_weight(self, w: torch.Tensor) -> Accum:
+        wd = w.double()
+        return Accum(self.pp, wd @ self.op, float(((wd @ self.oo) * wd).sum()))
+
+
 @torch.no_grad()
 def correct(original: nn.Module, pruned: nn.Module, kept: list[int], cut: set[int], windows: torch.Tensor,
             p: CommonParams, progress: bool = True) -> CorrectionReport:
     """Correct ``pruned`` in place. ``kept[j]`` is the original index of pruned layer ``j``; ``cut``
     holds the original indices of layers whose width was cut."""
     fix = reform if p.correction == "reformation" else mask_tune
+    refit_inputs = p.refit_inputs and p.correction == "reformation"
     o_layers, p_layers = decoder_layers(original), decoder_layers(pruned)
     slot = {orig: j for j, orig in enumerate(kept)}
     bs = p.batch_size
@@ -118,6 +158,7 @@ def correct(original: nn.Module, pruned: nn.Module, kept: list[int], cut: set[in
     mask = causal_mask(original, windows.shape[1])
     report = CorrectionReport()
     n = len(windows)
+    spans = [slice(s, s + bs) for s in range(0, n, bs)]
     for i in tqdm(range(len(o_layers)), desc=p.correction, disable=not progress):
         lo = o_layers[i]
         j = slot.get(i)
@@ -127,53 +168,55 @@ def correct(original: nn.Module, pruned: nn.Module, kept: list[int], cut: set[in
         out_o = torch.empty_like(h_o)
         a_o = torch.empty_like(h_o) if active and p.correct_target == "layer" else None
         m_o = torch.empty_like(h_o) if active and p.correct_target == "layer" else None
-        for s in range(0, n, bs):
-            x = h_o[s: s + bs]
+        for b in spans:
+            x = h_o[b]
             a = lo.self_attn.o_proj(_attn_input(lo, x, pos, mask))
-            mid_o[s: s + bs] = x + a
+            mid_o[b] = x + a
             mm = lo.mlp.down_proj(_mlp_input(lo, x + a))
-            out_o[s: s + bs] = x + a + mm
+            out_o[b] = x + a + mm
             if a_o is not None:
-                a_o[s: s + bs], m_o[s: s + bs] = a, mm
-        if j is not None:
+                a_o[b], m_o[b] = a, mm
+        if j is not None and active:
             lp = p_layers[j]
             src = h_p if p.propagate else h_o
-            if active:
-                acc_a = Accum()
-                xs = []
-                for s in range(0, n, bs):
-                    xa = _attn_input(lp, src[s: s + bs], pos, mask)
-                    xs.append(xa)
-                    t = a_o[s: s + bs] if a_o is not None else mid_o[s: s + bs] - src[s: s + bs]
-                    acc_a.add(xa, t)
-                w = lp.self_attn.o_proj.weight
-                before = acc_a.error(w.data)
-                new = fix(w.data, acc_a, p.damping)
-                rec = {"layer": i, "module": "o_proj", "before": before, "after": acc_a.error(new)}
-                if rec["after"] < before:
-                    w.data.copy_(new.to(w.dtype))
-                report.layers.append(rec)
-                acc_m = Accum()
-                mids, xms = [], []
-                for k, s in enumerate(range(0, n, bs)):
-                    hm = src[s: s + bs] + lp.self_attn.o_proj(xs[k])
-                    xm = _mlp_input(lp, hm)
-                    mids.append(hm)
-                    xms.append(xm)
-                    t = m_o[s: s + bs] if m_o is not None else out_o[s: s + bs] - hm
-                    acc_m.add(xm, t)
-                del xs
-                w = lp.mlp.down_proj.weight
-                before = acc_m.error(w.data)
-                new = fix(w.data, acc_m, p.damping)
-                rec = {"layer": i, "module": "down_proj", "before": before, "after": acc_m.error(new)}
-                if rec["after"] < before:
-                    w.data.copy_(new.to(w.dtype))
-                report.layers.append(rec)
-                if p.propagate:
-                    h_p = torch.cat([hm + lp.mlp.down_proj(xm) for hm, xm in zip(mids, xms, strict=True)])
-                del mids, xms
-            elif p.propagate:
-                h_p = torch.cat([lp(h_p[s: s + bs], position_embeddings=pos, attention_mask=mask) for s in range(0, n, bs)])
+            attn, mlp = lp.self_attn, lp.mlp
+            if refit_inputs:
+                acc_in = InputAccum()
+                for b in spans:
+                    acc_in.add(lp.input_layernorm(src[b]), lo.input_layernorm(h_o[b]))
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    lin = getattr(attn, name)
+                    _apply(fix, lin, acc_in.for_weight(lin.weight.data), p.damping, {"layer": i, "module": name}, report)
+                del acc_in
+            acc_a = Accum()
+            xs = []
+            for b in spans:
+                xa = _attn_input(lp, src[b], pos, mask)
+                xs.append(xa)
+                acc_a.add(xa, a_o[b] if a_o is not None else mid_o[b] - src[b])
+            _apply(fix, attn.o_proj, acc_a, p.damping, {"layer": i, "module": "o_proj"}, report)
+            mids = [src[b] + attn.o_proj(xa) for b, xa in zip(spans, xs, strict=True)]
+            del xs
+            if refit_inputs:
+                acc_in = InputAccum()
+                for b, hm in zip(spans, mids, strict=True):
+                    acc_in.add(lp.post_attention_layernorm(hm), lo.post_attention_layernorm(mid_o[b]))
+                for name in ("gate_proj", "up_proj"):
+                    lin = getattr(mlp, name)
+                    _apply(fix, lin, acc_in.for_weight(lin.weight.data), p.damping, {"layer": i, "module": name}, report)
+                del acc_in
+            acc_m = Accum()
+            xms = []
+            for b, hm in zip(spans, mids, strict=True):
+                xm = _mlp_input(lp, hm)
+                xms.append(xm)
+                acc_m.add(xm, m_o[b] if m_o is not None else out_o[b] - hm)
+            _apply(fix, mlp.down_proj, acc_m, p.damping, {"layer": i, "module": "down_proj"}, report)
+            if p.propagate:
+                h_p = torch.cat([hm + mlp.down_proj(xm) for hm, xm in zip(mids, xms, strict=True)])
+            del mids, xms
+        elif j is not None and p.propagate:
+            lp = p_layers[j]
+            h_p = torch.cat([lp(h_p[b], position_embeddings=pos, attention_mask=mask) for b in spans])
         h_o = out_o
     return report
