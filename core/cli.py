@@ -48,15 +48,17 @@ def _endpoints(args: argparse.Namespace, recipe) -> tuple[str, str | None, bool,
     root = args.root or recipe.storage.root
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    s3_given = bool(os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-                    or os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"))
+    endpoint_given = bool(os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"))
+    # credentials without an endpoint: the user's real AWS account holds the s3:// root
+    s3_given = endpoint_given or bool(os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"))
     mlflow_uri = None
     if args.no_tracking:
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # the components would fall back to it
     else:
         mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or recipe.tracking.mlflow_uri
     need_mlflow = not args.no_tracking and not mlflow_uri
-    need_s3 = (root.startswith("s3://") and not s3_given) or (need_mlflow and not s3_given)
+    # the embedded MLflow keeps its artifacts in the embedded S3 unless an S3 endpoint is named
+    need_s3 = (root.startswith("s3://") and not s3_given) or (need_mlflow and not endpoint_given)
     return root, mlflow_uri, need_s3, need_mlflow
 
 
@@ -131,8 +133,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     try:
-        while not stop and svc.healthy():
+        while not stop and svc.alive():  # not a health poll: a busy machine answers slowly
             time.sleep(1.0)
+        if not svc.alive():
+            print("pqflow up: a service exited; see the logs in the state dir", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     finally:

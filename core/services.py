@@ -87,6 +87,10 @@ class Services:
             out["MLFLOW_TRACKING_URI"] = self.mlflow_url
         return out
 
+    def alive(self) -> bool:
+        """Every process this object started is still running."""
+        return all(p.poll() is None for p in self._procs.values())
+
     def healthy(self) -> bool:
         return all(http_ok(u) for u in (self._s3_health(), self._mlflow_health()) if u)
 
@@ -175,7 +179,7 @@ class Services:
         self.stop()
 
 
-def running(state: str | os.PathLike[str] | None = None) -> Services | None:
+def running(state: str | os.PathLike[str] | None = None, timeout: float = 30) -> Services | None:
     """Services started by ``pqflow up`` with this state dir, when they still answer."""
     st = state_dir(state)
     try:
@@ -183,7 +187,30 @@ def running(state: str | os.PathLike[str] | None = None) -> Services | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     svc = Services(st, info.get("s3_url"), info.get("mlflow_url"), info.get("pids", {}), owned=False)
-    return svc if svc.healthy() else None
+    if not _pid_alive(info.get("owner")):
+        (st / "services.json").unlink(missing_ok=True)  # left by a process that died
+        return None
+    # Their owner lives: give a busy machine time to answer rather than start a second set on the
+    # same sqlite file and S3 mirror.
+    for url, what in ((svc._s3_health(), "S3"), (svc._mlflow_health(), "MLflow")):
+        if url:
+            wait_http(url, timeout, what=f"embedded {what} of process {info.get('owner')} (state {st})")
+    return svc
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def start(state: str | os.PathLike[str] | None = None, *, s3: bool = True, mlflow: bool = True,

@@ -141,7 +141,16 @@ def find_or_create_parent(client: Any, recipe: Recipe, run_key: str, root: str) 
         return parents[0].info.run_id
     from pqflow.plan import plan
 
-    return start_parent(client, recipe, run_key, root=root, steps=[s.name for s in plan(recipe)], source="kfp")
+    mine = start_parent(client, recipe, run_key, root=root, steps=[s.name for s in plan(recipe)], source="kfp")
+    # Stages that start together (calibrate, evaluate-baseline) may both have created one: all of
+    # them settle on the earliest, and the others delete their own.
+    found = client.search_runs([exp], flt, max_results=20)
+    parents = sorted((r for r in found if "mlflow.parentRunId" not in r.data.tags),
+                     key=lambda r: (r.info.start_time, r.info.run_id))
+    first = parents[0].info.run_id if parents else mine
+    if first != mine:
+        client.delete_run(mine)
+    return first
 
 
 def end_parent(client: Any, run_id: str, ok: bool, metrics: dict[str, float] | None = None) -> None:

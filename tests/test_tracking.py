@@ -199,3 +199,25 @@ def test_cli_run_uses_the_running_services(up, tmp_path):
     assert "using the services of 'pqflow up'" in p.stderr
     assert "models:/tiny@candidate" in p.stdout
     assert mlflow_url in p.stdout
+
+
+def test_cluster_stages_find_one_parent_by_the_kfp_run_id(env, tmp_path):
+    """On a cluster no client creates the parent run: each component finds it by the KFP run id."""
+    from mlflow import MlflowClient
+
+    from pqflow.local_run import run_step
+    from pqflow.plan import plan
+
+    recipe = _recipe("tiny-kfp")
+    outs = {}
+    for step in plan(recipe):
+        outs[step.name] = run_step(step, recipe, f"file://{tmp_path / 'art'}", outs, tmp_path / "kfp",
+                                   mlflow_uri=env, parent_run="", run_key="kfp-run-123")
+    assert outs["evaluate"].metadata["registered_model"] == "tiny-kfp"
+    c = MlflowClient(env)
+    exp = c.get_experiment_by_name("pqflow").experiment_id
+    parents = c.search_runs([exp], "tags.`pqflow.run_key` = 'kfp-run-123'")
+    assert len(parents) == 1
+    assert parents[0].data.tags["pqflow.orchestrator"] == "kfp"
+    children = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["calibrate", "evaluate"]
