@@ -100,13 +100,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         extra = f"ppl {s['ppl']:.3f}, {s['model_bytes'] / 2**20:.1f} MiB" if "ppl" in s else ""
         print(f"  {name:<18} {'reused' if o.skipped else 'ran':<6} {o.uri}  {extra}")
     if result.mlflow_uri:
-        exp_hint = f"{result.mlflow_uri}/#/experiments" if result.mlflow_uri.startswith("http") else result.mlflow_uri
-        print(f"metrics: MLflow {exp_hint} (experiment '{recipe.tracking.experiment}', parent run "
-              f"{result.parent_run_id})")
+        print(f"metrics: MLflow {result.run_url or result.mlflow_uri} (experiment '{recipe.tracking.experiment}', "
+              f"parent run {result.parent_run_id}; one child run per step)")
         reg = result.registry
         if reg:
-            print(f"model:   models:/{reg['registered_model']}@candidate (version {reg['model_version']}); "
-                  f"champion: {'yes' if reg.get('champion') else 'no'} - {reg.get('gate_reason', '')}")
+            print(f"model:   models:/{reg['registered_model']}@candidate (version {reg['model_version']}) in the "
+                  f"registry of {result.mlflow_uri}; champion: {'yes' if reg.get('champion') else 'no'} - "
+                  f"{reg.get('gate_reason', '')}")
         if svc is not None and svc.owned:
             print(f"         (embedded services are stopped; `pqflow up --state-dir {svc.state}` serves them again)")
     return 0

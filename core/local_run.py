@@ -58,6 +58,14 @@ class RunResult:
     mlflow_uri: str | None = None
     parent_run_id: str | None = None
     registry: dict[str, Any] = field(default_factory=dict)
+    experiment_id: str | None = None
+
+    @property
+    def run_url(self) -> str | None:
+        """The parent run in the MLflow UI (for an http tracking server)."""
+        if not (self.mlflow_uri and self.mlflow_uri.startswith("http") and self.parent_run_id):
+            return None
+        return f"{self.mlflow_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.parent_run_id}"
 
     @property
     def reused_all(self) -> bool:
@@ -114,9 +122,10 @@ def run_plan(recipe: Recipe, root: str | None = None, *, force: bool = False, ml
         tracking.check_reachable(mlflow_uri)
         client = tracking.configure(mlflow_uri)
     run_key = uuid.uuid4().hex
-    parent = None
+    parent = exp_id = None
     if client is not None:
         parent = tracking.start_parent(client, recipe, run_key, root=root, steps=[s.name for s in steps])
+        exp_id = client.get_run(parent).info.experiment_id
     t0 = time.perf_counter()
     outputs: dict[str, Any] = {}
     results: dict[str, StepResult] = {}
@@ -149,4 +158,4 @@ def run_plan(recipe: Recipe, root: str | None = None, *, force: bool = False, ml
     if final is not None and "registered_model" in final.pointer:
         registry = {k: final.pointer[k] for k in ("registered_model", "model_version", "champion", "gate_reason")
                     if k in final.pointer}
-    return RunResult(root, results, seconds, run_key, mlflow_uri, parent, registry)
+    return RunResult(root, results, seconds, run_key, mlflow_uri, parent, registry, exp_id)

@@ -9,9 +9,10 @@ developer's venv), ``pip check``, then run the stage on the tiny model twice:
 2. the stage's KFP component through ``kfp.local.SubprocessRunner(use_venv=False)``, i.e. through the
    same KFP executor (``kfp.dsl.executor_main``) that runs it in the container on a cluster.
 
-The resolved package list is written to ``docker/deps/<stage>.txt`` (what the image will hold).
+With ``--record`` the resolved package list is written to ``docker/deps/<stage>.txt`` (what the
+image will hold).
 
-    python docker/check_deps.py calibrate evaluate      # ~2-4 min per stage on 2 CPU cores
+    python docker/check_deps.py calibrate evaluate --record   # ~2-5 min per stage on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, text=True, **kw)
 
 
-def check(stage: str, work: Path, recipe: Path, keep: bool = False) -> dict:
+def check(stage: str, work: Path, recipe: Path, keep: bool = False, record: bool = False) -> dict:
     extra = EXTRAS[stage]
     venv = work / f"venv-{stage}"
     t0 = time.perf_counter()
@@ -120,7 +121,7 @@ def check(stage: str, work: Path, recipe: Path, keep: bool = False) -> dict:
             raise SystemExit(f"evaluate: models:/{name}@candidate gives ppl {ppl}, the stage logged {pointer['ppl']}")
     run_s = time.perf_counter() - t1
 
-    deps = REPO / "docker" / "deps" / f"{stage}.txt"
+    deps = (REPO / "docker" / "deps" if record else work) / f"{stage}.txt"
     deps.parent.mkdir(exist_ok=True)
     deps.write_text(f"# pip freeze of a clean venv with pqflow[{extra},tracking] + {KFP} (docker/check_deps.py)\n"
                     + installed)
@@ -137,10 +138,11 @@ def main() -> int:
     ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "tiny.yaml")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the venvs")
+    ap.add_argument("--record", action="store_true", help="write the package lists to docker/deps/<stage>.txt")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="pqflow-deps-"))
     work.mkdir(parents=True, exist_ok=True)
-    results = [check(s, work, args.recipe.resolve(), args.keep) for s in args.stages]
+    results = [check(s, work, args.recipe.resolve(), args.keep, args.record) for s in args.stages]
     print(json.dumps(results, indent=2))
     if args.work is None and not args.keep:
         shutil.rmtree(work, ignore_errors=True)

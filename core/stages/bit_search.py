@@ -29,7 +29,8 @@ from pqflow.data import eval_windows, load_text, tokenize
 from pqflow.errors import PqflowError, RecipeError
 from pqflow.methods.bitsearch import REGISTRY
 from pqflow.methods.bitsearch.context import SearchContext
-from pqflow.methods.bitsearch.evaluator import Evaluator
+from pqflow.methods.bitsearch.evaluator import Evaluator, WeightFn
+from pqflow.methods.bitsearch.fakequant import weight_fn_for
 from pqflow.methods.bitsearch.plots import bits_heatmap, pareto_plot
 from pqflow.methods.bitsearch.space import SearchSpace, parse_choice
 from pqflow.recipe import Recipe
@@ -70,15 +71,24 @@ def build_space(recipe: Recipe, model: torch.nn.Module) -> SearchSpace:
     return SearchSpace.build(model, cfg.granularity, [parse_choice(c) for c in cfg.choices], cfg.symmetric)
 
 
-def worker_evaluator(recipe_json: dict[str, Any], model_dir: str | None, heldout: torch.Tensor) -> Evaluator:
+def fake_quantizer(recipe: Recipe, calib: Calibration | None) -> tuple[WeightFn, str]:
+    """Trials quantize with the quantize stage's method and params (see :mod:`.fakequant`)."""
+    q = recipe.stages.quantize
+    return weight_fn_for(q.method, recipe.method_params("quantize"), calib)
+
+
+def worker_evaluator(recipe_json: dict[str, Any], model_dir: str | None, calib_dir: str | None,
+                     heldout: torch.Tensor) -> Evaluator:
     """Builds a search evaluator inside a worker process (picklable through ``partial``)."""
     from pqflow.models import load_model_artifact, load_source
-    from pqflow.recipe import parse_recipe
+    from pqflow.recipe import Recipe
 
-    recipe = parse_recipe(recipe_json)
+    recipe = Recipe.model_validate(recipe_json)
     model = (load_model_artifact(Path(model_dir)) if model_dir else load_source(recipe.model.source, recipe.model.dtype)).model
+    calib = Calibration(Path(calib_dir), json.loads((Path(calib_dir) / "calib.json").read_text())) if calib_dir else None
     cfg = recipe.stages.bit_search
-    return Evaluator(model, build_space(recipe, model), heldout, cfg.objective, cache_mb=cfg.cache_mb)
+    return Evaluator(model, build_space(recipe, model), heldout, cfg.objective, fake_quantizer(recipe, calib)[0],
+                     cache_mb=cfg.cache_mb)
 
 
 def write_outputs(ctx: SearchContext, best: Any, method: str, out: Path, seconds: float) -> dict[str, Any]:
@@ -118,12 +128,15 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
     budget = space.budget(cfg.avg_bits, cfg.budget_bytes)
     heldout = heldout_windows(recipe, loaded.tokenizer)
     model_dir = str(inputs["model"].path) if "model" in inputs else None
+    weight_fn, fq_name = fake_quantizer(recipe, calib)
     ctx = SearchContext(
         loaded.model, space, budget, heldout, calib=calib,
         importance=partial(importance_scores, inputs.get("importance")), objective=cfg.objective,
-        seed=cfg.seed, cache_mb=cfg.cache_mb,
-        worker_factory=partial(worker_evaluator, recipe.model_dump(mode="json"), model_dir, heldout),
+        weight_fn=weight_fn, seed=cfg.seed, cache_mb=cfg.cache_mb,
+        worker_factory=partial(worker_evaluator, recipe.model_dump(mode="json"), model_dir,
+                               str(inputs["calib"].path), heldout),
     )
+    ctx.info["fake_quant"] = fq_name
     torch.manual_seed(cfg.seed)
     print(f"[pqflow] bit-search: {cfg.method}, {space.n_units} {cfg.granularity} units x "
           f"{len(space.choices)} choices, budget {budget} B ({8 * budget / space.n_weights:.3f} bits)", file=sys.stderr)

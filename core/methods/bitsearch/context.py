@@ -53,7 +53,7 @@ class SearchContext:
     weight_fn: WeightFn = rtn_weight
     seed: int = 0
     progress: bool = True
-    cache_mb: int = 3000
+    cache_mb: int = 2000
     prior_settings: PriorSettings = field(default_factory=PriorSettings)
     worker_factory: Callable[[], Evaluator] | None = None  # picklable; builds an evaluator in a worker process
     info: dict[str, Any] = field(default_factory=dict)
@@ -96,7 +96,7 @@ class SearchContext:
     def err_unit(self) -> np.ndarray:
         if self._err_unit is None:
             errs = self._timed("rounding_errors", lambda: relative_errors(
-                self.space, self.evaluator.cache, self.calib, self.progress))
+                self.space, self.evaluator.cache, self.calib, progress=self.progress))
             self._err_unit = unit_errors(self.space, errs)
         return self._err_unit
 

@@ -1,7 +1,8 @@
 """Measure an allocation: fake-quantize the model as ``quantize`` would and score a held-out batch.
 
-Every trial only swaps weight tensors: the dequantized weight of each (module, choice) is computed
-once by the quantization engine's own code and kept in a size-capped cache. The model runs one
+Every trial only swaps weight tensors: the codes and scales of each (module, choice) are computed
+once with the quantization engine's own grid code and kept (one byte per code) in a size-capped
+cache; a module is dequantized when an allocation changes its choice. The model runs one
 decoder block at a time over the whole batch, and the hidden states entering every block are
 kept for a few recent allocations, so a candidate that first differs from one of them at block
 ``i`` re-runs only blocks ``i..L`` (sensitivity probes of one layer, and mutations of one
@@ -25,18 +26,53 @@ from torch import nn
 
 from pqflow.methods.bitsearch.space import KEEP_BITS, Choice, SearchSpace, layer_of
 from pqflow.methods.quant.blocks import capture_inputs, decoder_layers
-from pqflow.quant.grid import fake_quantize
-
-# (fp weight, choice, symmetric) -> the weight the quantized module computes with
-WeightFn = Callable[[str, torch.Tensor, Choice, bool], torch.Tensor]
+from pqflow.quant.grid import dequantize_codes, minmax_params, quantize_codes
 
 
-def rtn_weight(name: str, w: torch.Tensor, choice: Choice, symmetric: bool) -> torch.Tensor:
+@dataclass
+class QWeight:
+    """One module's weight under one choice, kept compact: integer codes (one byte each) with
+    their group scales and zeros, or the fp16 weight of a module kept in floating point."""
+
+    codes: torch.Tensor | None  # uint8 [out, in]
+    scales: torch.Tensor | None  # float32 (fp16-exact) [out, groups]
+    zeros: torch.Tensor | None
+    group_size: int | None
+    dense: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense.to(dtype)
+        assert self.codes is not None and self.scales is not None and self.zeros is not None
+        return dequantize_codes(self.codes, self.scales, self.zeros, self.group_size).to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.dense] if self.dense is not None else [self.codes, self.scales, self.zeros]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int | None) -> QWeight:
+        return cls(codes.to(torch.uint8), scales.float(), zeros.float(), group_size)
+
+    @classmethod
+    def kept(cls, w: torch.Tensor) -> QWeight:
+        return cls(None, None, None, None, w.to(torch.float16))  # quantize keeps the float remainder in fp16
+
+
+# (module name, fp weight, choice, symmetric) -> the weight the quantized module computes with
+WeightFn = Callable[[str, torch.Tensor, Choice, bool], QWeight]
+
+
+def rtn_weight(name: str, w: torch.Tensor, choice: Choice, symmetric: bool) -> QWeight:
     """Round-to-nearest exactly as ``QuantLinear.from_linear`` stores it (fp16 scales)."""
     del name
     if choice.bits == KEEP_BITS:
-        return w.to(torch.float16).to(w.dtype)  # quantize keeps the float remainder in fp16
-    return fake_quantize(w, choice.bits, choice.group_size, symmetric, scale_dtype=torch.float16).to(w.dtype)
+        return QWeight.kept(w)
+    s, z = minmax_params(w, choice.bits, choice.group_size, symmetric)
+    s = s.to(torch.float16).float()
+    return QWeight.from_codes(quantize_codes(w, s, z, choice.bits, choice.group_size), s, z, choice.group_size)
 
 
 @dataclass
@@ -49,33 +85,36 @@ class Measure:
 
 
 class WeightCache:
-    """Dequantized weights per (module, choice), least recently used dropped beyond ``cap_bytes``."""
+    """Quantized weights per (module, choice), least recently used dropped beyond ``cap_bytes``."""
 
     def __init__(self, fp: dict[str, torch.Tensor], symmetric: bool, weight_fn: WeightFn, cap_bytes: int) -> None:
         self.fp, self.symmetric, self.weight_fn, self.cap = fp, symmetric, weight_fn, cap_bytes
-        self._d: OrderedDict[tuple[str, Choice], torch.Tensor] = OrderedDict()
+        self._d: OrderedDict[tuple[str, Choice], QWeight] = OrderedDict()
         self._bytes = 0
 
-    def get(self, module: str, choice: Choice) -> torch.Tensor:
+    def get(self, module: str, choice: Choice) -> QWeight:
         key = (module, choice)
-        t = self._d.get(key)
-        if t is not None:
+        q = self._d.get(key)
+        if q is not None:
             self._d.move_to_end(key)
-            return t
-        t = self.weight_fn(module, self.fp[module], choice, self.symmetric).contiguous()
-        self._d[key] = t
-        self._bytes += t.numel() * t.element_size()
+            return q
+        q = self.weight_fn(module, self.fp[module], choice, self.symmetric)
+        self._d[key] = q
+        self._bytes += q.nbytes
         while self._bytes > self.cap and len(self._d) > 1:
             _, old = self._d.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
-        return t
+            self._bytes -= old.nbytes
+        return q
+
+    def weight(self, module: str, choice: Choice) -> torch.Tensor:
+        return self.get(module, choice).dequantize(self.fp[module].dtype)
 
 
 class Evaluator:
     """Scores allocations of ``space`` on ``windows`` (``[n, seqlen]`` held-out tokens)."""
 
     def __init__(self, model: nn.Module, space: SearchSpace, windows: torch.Tensor, objective: str = "kl",
-                 weight_fn: WeightFn = rtn_weight, cache_mb: int = 3000, trajectories: int = 3,
+                 weight_fn: WeightFn = rtn_weight, cache_mb: int = 2000, trajectories: int = 3,
                  batch_size: int = 8) -> None:
         if objective not in ("kl", "nll"):
             raise ValueError(f"objective '{objective}': expected 'kl' or 'nll'")
@@ -136,7 +175,7 @@ class Evaluator:
         for m, lin in self.linears.items():
             c = choices.get(m)
             if self._current[m] != c:
-                lin.weight.data = self.fp[m] if c is None else self.cache.get(m, c)
+                lin.weight.data = self.fp[m] if c is None else self.cache.weight(m, c)
                 self._current[m] = c
 
     def restore(self) -> None:

@@ -10,6 +10,7 @@ from pqflow.methods.bitsearch.context import SearchContext
 from pqflow.methods.bitsearch.trials import Trial
 
 Prior = Literal["mi", "importance", "sensitivity", "error"]
+SeedPrior = Literal["auto", "mi", "importance", "sensitivity", "error"]
 
 
 class Params(BaseModel):

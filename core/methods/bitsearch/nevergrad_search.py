@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pqflow.methods.bitsearch import budget as budget_ops
 from pqflow.methods.bitsearch.context import SearchContext
-from pqflow.methods.bitsearch.importance_prior import Prior
+from pqflow.methods.bitsearch.importance_prior import SeedPrior
 from pqflow.methods.bitsearch.trials import Trial
 
 # Model-based / Bayesian where the dimension allows it (BO: Gaussian process via bayes_opt);
@@ -34,7 +34,8 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     optimizer: str = Field("DiscreteLenglerOnePlusOne", description=f"nevergrad optimizer, one of {', '.join(OPTIMIZERS)} (or any in ng.optimizers.registry)")
     trials: int = Field(40, ge=1, description="measured allocations, the prior included (cache hits do not count)")
-    prior: Prior = Field("sensitivity", description="seed allocation and repair damage model (see importance-prior)")
+    prior: SeedPrior = Field("auto", description="seed allocation and repair damage model (see importance-prior); "
+                             "auto = measure every available prior's allocation and start from the best")
     probe: str | None = Field(None, description="choice used by sensitivity probes; null = the cheapest")
     workers: int = Field(1, ge=1, description="candidates measured in parallel (processes); 1 = in this process")
     max_asks_factor: int = Field(20, ge=1, description="stop after trials * this many asks even if candidates keep repeating")
@@ -55,16 +56,17 @@ def _optimizer(name: str, space_size: tuple[int, int], init: np.ndarray, budget:
 def search(ctx: SearchContext, params: Params) -> Trial:
     space = ctx.space
     ctx.prior_settings.probe = params.probe
-    damage = ctx.damage(params.prior)
-    seed_alloc = ctx.prior_allocation(params.prior)
     start = len(ctx.trials)
-    prior_trial = ctx.evaluate(seed_alloc, f"prior:{params.prior}")
+    prior, prior_trial = _seed(ctx, params.prior)
+    damage = ctx.damage(prior)
+    seed_alloc = prior_trial.alloc
     for f in params.front_fractions:
-        ctx.evaluate(ctx.prior_allocation(params.prior, int(ctx.budget * f)), f"prior:{params.prior}@{f:g}")
-    ctx.info.update(prior=params.prior, optimizer=params.optimizer, prior_objective=prior_trial.objective)
+        ctx.evaluate(ctx.prior_allocation(prior, int(ctx.budget * f)), f"prior:{prior}@{f:g}")
+    ctx.info.update(prior=prior, optimizer=params.optimizer, prior_objective=prior_trial.objective)
+    n_priors = sum(t.source.startswith("prior:") and "@" not in t.source for t in ctx.trials.records[start:])
 
-    def measured() -> int:  # the prior plus what the optimizer got measured
-        return 1 + sum(t.source == "nevergrad" for t in ctx.trials.records[start:])
+    def measured() -> int:  # the priors plus what the optimizer got measured
+        return n_priors + sum(t.source == "nevergrad" for t in ctx.trials.records[start:])
 
     max_asks = params.trials * params.max_asks_factor
     opt = _optimizer(params.optimizer, space.cost.shape, np.asarray(seed_alloc), max_asks, params.workers, ctx.seed)
@@ -91,6 +93,20 @@ def search(ctx: SearchContext, params: Params) -> Trial:
         print(f"[pqflow] bit-search: {params.optimizer}: {measured()} measured / {asks} asks; best "
               f"{best.objective:.5f} vs prior {prior_trial.objective:.5f}", file=sys.stderr)
     return best
+
+
+def _seed(ctx: SearchContext, prior: str) -> tuple[str, Trial]:
+    """The prior to start from and its measured allocation; ``auto`` measures each available
+    prior's allocation and keeps the best (they all stay in the trials)."""
+    if prior != "auto":
+        return prior, ctx.evaluate(ctx.prior_allocation(prior), f"prior:{prior}")
+    names = ["sensitivity", "mi", "error"] + (["importance"] if ctx.importance() is not None else [])
+    if ctx.calib is None:
+        names.remove("mi")
+    measured = {p: ctx.evaluate(ctx.prior_allocation(p), f"prior:{p}") for p in names}
+    best = min(names, key=lambda p: (measured[p].objective, names.index(p)))
+    ctx.info["prior_objectives"] = {p: t.objective for p, t in measured.items()}
+    return best, measured[best]
 
 
 def _pool(ctx: SearchContext, workers: int):

@@ -45,17 +45,28 @@ def channel_weights(calib: Calibration | None, module: str, in_features: int) ->
 
 
 @torch.no_grad()
-def relative_errors(space: SearchSpace, cache: WeightCache, calib: Calibration | None,
+def relative_errors(space: SearchSpace, cache: WeightCache, calib: Calibration | None, max_rows: int | None = 128,
                     progress: bool = True) -> dict[str, np.ndarray]:
     """Per module, ``Σ_j s_j‖ΔW[:, j]‖² / Σ_j s_j‖W[:, j]‖²`` for every choice (a diagonal
-    approximation of the relative output error ``‖ΔW X‖² / ‖W X‖²``)."""
+    approximation of the relative output error ``‖ΔW X‖² / ‖W X‖²``).
+
+    Output rows are quantized independently of each other (RTN and GPTQ alike), so the error is
+    measured exactly on an evenly spaced subset of ``max_rows`` rows: the table is a prior, and
+    quantizing every module at every choice would cost more than the search itself."""
     out: dict[str, np.ndarray] = {}
     for m in tqdm(space.modules, desc="rounding errors", disable=not progress):
-        w = cache.fp[m].float()
+        w_full = cache.fp[m]
+        rows = w_full.shape[0]
+        idx = torch.arange(rows) if max_rows is None or rows <= max_rows else \
+            torch.linspace(0, rows - 1, max_rows).round().long()
+        w = w_full[idx].float()
         s = channel_weights(calib, m, w.shape[1])
         ref = float((w.pow(2).sum(0) * s).sum()) or 1.0
-        out[m] = np.array([float(((cache.get(m, c).float() - w).pow(2).sum(0) * s).sum()) / ref
-                           for c in space.choices])
+        errs = []
+        for c in space.choices:
+            q = cache.weight_fn(m, w, c, space.symmetric).dequantize(torch.float32)
+            errs.append(float(((q - w).pow(2).sum(0) * s).sum()) / ref)
+        out[m] = np.array(errs)
     return out
 
 

@@ -132,18 +132,20 @@ class HessianHooks:
         self.sums: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.alias: dict[str, str] = {}
-        self._seen: dict[tuple, str] = {}
+        # Inputs seen in the current batch, held so that their addresses cannot be reused by a
+        # later tensor of the same shape (which would alias unrelated linears, e.g. gate/up to q).
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in linears.items()]
 
     def _hook(self, name: str):
         def fn(_m: nn.Module, args: tuple) -> None:
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape))
-            owner = self._seen.get(key)
-            if owner is not None and owner != name:
-                self.alias[name] = owner
+            seen = self._seen.get(key)
+            if seen is not None and seen[0] != name:
+                self.alias[name] = seen[0]
                 return
-            self._seen[key] = name
+            self._seen[key] = (name, x)
             x = x.reshape(-1, x.shape[-1]).float()
             if name in self.sums:
                 self.sums[name].addmm_(x.T, x)

@@ -54,6 +54,7 @@ class Params(BaseModel):
     inputs: Literal["quantized", "fp"] = Field("quantized", description="what feeds each module (see module doc)")
     anneal: bool = Field(False, description="annealed teacher forcing from fp to quantized inputs (inputs: quantized)")
     workers: int = Field(1, ge=1, description="parallel processes (inputs: fp only)")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker; null = CPU cores / workers")
     gptq: gptq_mod.Params = Field(default_factory=lambda: gptq_mod.Params(n_windows=None, batch_size=4),
                                   description="settings of the GPTQ initialiser")
     seed: int = Field(0, description="seed of the minibatch order")
@@ -223,7 +224,7 @@ def _run_parallel(model: nn.Module, layers: nn.ModuleList, spans: list[list[int]
             y = run_block(module, BlockInputs(x, fp.kwargs, fp.batch_size))
         jobs.append((j, copy.deepcopy(module) if params.workers > 1 else module,
                      [f"model.layers.{i}" for i in span], plan, x, y, fp.kwargs, params,
-                     max(1, (os.cpu_count() or 1) // params.workers)))
+                     params.threads or max(1, (os.cpu_count() or 1) // params.workers)))
         x = y
     if params.workers == 1:
         results = map(_worker, jobs)

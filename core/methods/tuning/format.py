@@ -41,6 +41,25 @@ def attach_adapter(model: nn.Module, adapter_dir: Path, trainable: bool = False)
     return PeftModel.from_pretrained(model, str(adapter_dir), config=cfg, is_trainable=trainable)
 
 
+def save_adapter(peft_model: nn.Module, adapter_dir: Path) -> None:
+    """Write the adapter in peft's format (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+    Unlike ``PeftModel.save_pretrained`` this never calls the base model's ``state_dict()``:
+    bitsandbytes 0.50 re-lays out 4-bit CPU weights in place when their state is read, which
+    changes the in-memory model's logits (measured: up to 6e-3) after saving."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    own = {n: t.detach() for n, t in peft_model.named_parameters() if "lora_" in n}
+    state = get_peft_model_state_dict(peft_model, state_dict=own, save_embedding_layers=False)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(adapter_dir / SAFETENSORS_WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    cfg = peft_model.peft_config["default"]
+    cfg.save_pretrained(str(adapter_dir))
+
+
 def load_lora_folder(folder: Path, meta: dict[str, Any]) -> LoadedModel:
     """Loader of the ``pqflow-lora`` format (registered in :mod:`pqflow.models`)."""
     folder = Path(folder)

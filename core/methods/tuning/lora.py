@@ -29,6 +29,7 @@ from pqflow.methods.tuning.common import (
     copy_base_files,
     trainable_parameters,
 )
+from pqflow.methods.tuning.format import save_adapter
 from pqflow.methods.tuning.train import TrainData, TrainParams, resolve_device, train
 from pqflow.models import DTYPES, save_hf, save_model
 from pqflow.quant import QuantLinear
@@ -114,7 +115,7 @@ def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
     n_train = sum(t.numel() for t in trainable.values())
     hist = train(peft_model, trainable, data, p, desc="lora")
     peft_model.to("cpu")
-    peft_model.save_pretrained(str(out / ADAPTER_DIR))
+    save_adapter(peft_model, out / ADAPTER_DIR)
     if merge:
         merged = peft_model.merge_and_unload()
         save_model(merged, tok, out, fmt=FORMAT, saver=save_hf, base=base_meta, adapter=ADAPTER_DIR,
