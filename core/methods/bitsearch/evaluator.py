@@ -65,14 +65,19 @@ class QWeight:
 WeightFn = Callable[[str, torch.Tensor, Choice, bool], QWeight]
 
 
-def rtn_weight(name: str, w: torch.Tensor, choice: Choice, symmetric: bool) -> QWeight:
-    """Round-to-nearest exactly as ``QuantLinear.from_linear`` stores it (fp16 scales)."""
-    del name
+def grid_weight(w: torch.Tensor, choice: Choice, symmetric: bool, grid_params: Callable = minmax_params) -> QWeight:
+    """Round-to-nearest on the grid ``grid_params`` picks, with fp16 scales as ``QuantLinear`` stores them."""
     if choice.bits == KEEP_BITS:
         return QWeight.kept(w)
-    s, z = minmax_params(w, choice.bits, choice.group_size, symmetric)
+    s, z = grid_params(w, choice.bits, choice.group_size, symmetric)
     s = s.to(torch.float16).float()
     return QWeight.from_codes(quantize_codes(w, s, z, choice.bits, choice.group_size), s, z, choice.group_size)
+
+
+def rtn_weight(name: str, w: torch.Tensor, choice: Choice, symmetric: bool) -> QWeight:
+    """Round-to-nearest exactly as ``QuantLinear.from_linear`` stores it."""
+    del name
+    return grid_weight(w, choice, symmetric)
 
 
 @dataclass

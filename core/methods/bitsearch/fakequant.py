@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from pqflow.calibration import Calibration
-from pqflow.methods.bitsearch.evaluator import QWeight, WeightFn, rtn_weight
+from pqflow.methods.bitsearch.evaluator import QWeight, WeightFn, grid_weight, rtn_weight
 from pqflow.methods.bitsearch.space import KEEP_BITS, Choice
-from pqflow.quant.grid import mse_params, quantize_codes
+from pqflow.quant.grid import mse_params
 
 FAKE_QUANT = ("rtn", "gptq")
 
@@ -30,11 +30,7 @@ FAKE_QUANT = ("rtn", "gptq")
 def rtn_clip_weight(name: str, w: torch.Tensor, choice: Choice, symmetric: bool) -> QWeight:
     """RTN with the per-group clipping search (``rtn`` with ``clip_search: true``)."""
     del name
-    if choice.bits == KEEP_BITS:
-        return QWeight.kept(w)
-    s, z = mse_params(w, choice.bits, choice.group_size, symmetric)
-    s = s.to(torch.float16).float()
-    return QWeight.from_codes(quantize_codes(w, s, z, choice.bits, choice.group_size), s, z, choice.group_size)
+    return grid_weight(w, choice, symmetric, mse_params)
 
 
 def gptq_weight_fn(hessian: Callable[[str], torch.Tensor | None], params: Any) -> WeightFn:
