@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from mdtable import markdown_table  # bench/ is on sys.path when a bench runs as a script
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "bitsearch.json"
 SEQLEN, WINDOWS = 512, 40
@@ -206,11 +208,7 @@ def call(kind: str, work: Path, *args: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["method", "config", "ppl", "bytes", "avg_bits", "heldout_kl", "seconds", "peak_rss_mb"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, ["method", "config", "ppl", "bytes", "avg_bits", "heldout_kl", "seconds", "peak_rss_mb"])
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from mdtable import markdown_table  # bench/ is on sys.path when a bench runs as a script
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "prune.json"
 SEQLEN, WINDOWS = 512, 40
@@ -212,10 +214,7 @@ COLS = ["method", "config", "ppl", "bytes", "ratio_removed", "seconds", "peak_rs
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in COLS) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, COLS)
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:

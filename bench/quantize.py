@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from mdtable import markdown_table  # bench/ is on sys.path when a bench runs as a script
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "quantize.json"
 METHODS = ["fp16", "rtn", "gptq", "mrem", "bnb-nf4", "bnb-int8"]
@@ -110,11 +112,7 @@ def worker(method: str, config: str, work: Path, params: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["method", "config", "ppl", "ppl_2nd", "bytes", "avg_bits", "linear_ratio_vs_fp16", "seconds", "peak_rss_mb"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, ["method", "config", "ppl", "ppl_2nd", "bytes", "avg_bits", "linear_ratio_vs_fp16", "seconds", "peak_rss_mb"])
 
 
 def main() -> None:
