@@ -24,8 +24,6 @@ from pqflow.methods.bitsearch.evaluator import QWeight, WeightFn, grid_weight, r
 from pqflow.methods.bitsearch.space import KEEP_BITS, Choice
 from pqflow.quant.grid import mse_params
 
-FAKE_QUANT = ("rtn", "gptq")
-
 
 def rtn_clip_weight(name: str, w: torch.Tensor, choice: Choice, symmetric: bool) -> QWeight:
     """RTN with the per-group clipping search (``rtn`` with ``clip_search: true``)."""
@@ -50,16 +48,28 @@ def gptq_weight_fn(hessian: Callable[[str], torch.Tensor | None], params: Any) -
     return fn
 
 
+def _rtn(params: Any, calib: Calibration | None) -> tuple[WeightFn, str]:
+    del calib
+    return (rtn_clip_weight, "rtn-clip") if getattr(params, "clip_search", False) else (rtn_weight, "rtn")
+
+
+def _gptq(params: Any, calib: Calibration | None) -> tuple[WeightFn, str]:
+    if calib is None or not calib.meta.get("xtx"):
+        print("[pqflow] bit-search: calibration has no XᵀX (collect_xtx: false); trials use RTN instead of "
+              "GPTQ", file=sys.stderr)
+        return rtn_weight, "rtn"
+    return gptq_weight_fn(calib.xtx, params), "gptq"
+
+
+# quantize method -> its per-module fake quantizer; one line per method that has one
+FAKE_QUANT: dict[str, Callable[[Any, Calibration | None], tuple[WeightFn, str]]] = {"rtn": _rtn, "gptq": _gptq}
+
+
 def weight_fn_for(method: str, params: Any, calib: Calibration | None) -> tuple[WeightFn, str]:
     """The fake quantizer matching the quantize stage's ``method`` (and a name for reports).
     Methods without a per-module equivalent fall back to round-to-nearest, said on stderr."""
-    if method == "rtn":
-        return (rtn_clip_weight, "rtn-clip") if getattr(params, "clip_search", False) else (rtn_weight, "rtn")
-    if method == "gptq":
-        if calib is None or not calib.meta.get("xtx"):
-            print("[pqflow] bit-search: calibration has no XᵀX (collect_xtx: false); trials use RTN instead of "
-                  "GPTQ", file=sys.stderr)
-            return rtn_weight, "rtn"
-        return gptq_weight_fn(calib.xtx, params), "gptq"
-    print(f"[pqflow] bit-search: no per-module fake quantizer for '{method}'; trials use RTN", file=sys.stderr)
-    return rtn_weight, "rtn"
+    factory = FAKE_QUANT.get(method)
+    if factory is None:
+        print(f"[pqflow] bit-search: no per-module fake quantizer for '{method}'; trials use RTN", file=sys.stderr)
+        return rtn_weight, "rtn"
+    return factory(params, calib)
