@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ.setdefault("PQFLOW_DATA_DIR", str(REPO.parent / "shared" / "data"))  # the checkout's sibling
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.child:

@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ.setdefault("PQFLOW_DATA_DIR", str(REPO.parent / "shared" / "data"))  # the checkout's sibling
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     params = json.loads(args.params)

@@ -72,3 +72,9 @@ def test_gptq_hessians_alias_only_linears_reading_the_same_tensor(tiny):
     hooks = collect_hessians(blk, block_linears(blk, "l"), x)
     assert hooks.alias == {"l.self_attn.k_proj": "l.self_attn.q_proj", "l.self_attn.v_proj": "l.self_attn.q_proj",
                            "l.mlp.up_proj": "l.mlp.gate_proj"}
+
+
+def test_default_steps_depend_on_the_module_bits():
+    assert mrem.module_steps(mrem.Params(), [4, 8, 4]) == 60
+    assert mrem.module_steps(mrem.Params(), [4, 3]) == 150
+    assert mrem.module_steps(mrem.Params(steps=7), [2]) == 7
