@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from mdtable import markdown_table  # bench/ is on sys.path when a bench runs as a script
+from common import markdown_table, use_shared_data  # bench/ is on sys.path when a bench runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "bitsearch.json"
@@ -220,7 +220,7 @@ def main() -> None:
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ.setdefault("PQFLOW_DATA_DIR", str(REPO.parent / "shared" / "data"))  # the checkout's sibling
+    use_shared_data()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.worker:

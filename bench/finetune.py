@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import use_shared_data  # bench/ is on sys.path when a bench runs as a script
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "finetune.json"
 SEQLEN, WINDOWS = 512, 40
@@ -184,7 +186,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ.setdefault("PQFLOW_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    use_shared_data()
     if args.worker:
         args.threads = int(args.threads) if args.threads not in (None, "auto") else None
         worker(args)

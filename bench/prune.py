@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from mdtable import markdown_table  # bench/ is on sys.path when a bench runs as a script
+from common import markdown_table, use_shared_data  # bench/ is on sys.path when a bench runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "prune.json"
@@ -272,7 +272,7 @@ def main() -> None:
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ.setdefault("PQFLOW_DATA_DIR", str(REPO.parent / "shared" / "data"))  # the checkout's sibling
+    use_shared_data()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.child:

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from mdtable import markdown_table  # bench/ is on sys.path when a bench runs as a script
+from common import markdown_table, use_shared_data  # bench/ is on sys.path when a bench runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "quantize.json"
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ.setdefault("PQFLOW_DATA_DIR", str(REPO.parent / "shared" / "data"))  # the checkout's sibling
+    use_shared_data()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     params = json.loads(args.params)
