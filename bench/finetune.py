@@ -164,15 +164,20 @@ def auto_threads() -> int:
 
 
 def config_of(row: str, args: argparse.Namespace) -> str:
-    base = "width 20% taylor+reformation, rtn 4g64"
+    pruned = "width 20% taylor+reformation"
     if row == "pruned":
-        return "width 20% taylor+reformation, fp32"
+        return f"{pruned}, fp32"
     if row == "compressed":
-        return base
-    method, _, extra = METHODS[row]
-    keys = {k: v for k, v in extra.items() if k not in ("loftq_bits", "loftq_group_size")}
-    return f"{base}; {method} " + " ".join(f"{k}={v}" for k, v in keys.items()) + \
-        f"; {args.steps} steps x 4x256 tok, cap {args.max_minutes:g} min"
+        return f"{pruned}, rtn 4g64"
+    method, base, extra = METHODS[row]
+    if extra.get("init") == "loftq":
+        base_desc = f"{pruned}, loftq {extra['loftq_bits']}g{extra['loftq_group_size']}"
+    else:
+        base_desc = f"{pruned}, rtn 4g64" if base == "compressed" else f"{pruned}, {extra.get('base_dtype', 'fp32')}"
+    skip = ("loftq_bits", "loftq_group_size", "steps", "eval_every", "base_dtype")
+    keys = " ".join(f"{k}={v}" for k, v in extra.items() if k not in skip)
+    return f"{base_desc}; {method} {keys}; {extra.get('steps', args.steps)} steps x 4x256 tok, " \
+        f"cap {args.max_minutes:g} min"
 
 
 def main() -> None:
