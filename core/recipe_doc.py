@@ -38,6 +38,9 @@ def _rows(model: type[BaseModel], prefix: str, out: list[str], nested: list[tupl
         ann = f.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             nested.append((path, ann))
+            changed = f.default_factory().model_dump(exclude_defaults=True) if f.default_factory else {}
+            if changed:  # the parent's default differs from the nested model's own defaults
+                out.append(f"| `{path}` | {ann.__name__} | `{changed!r}`, the rest as below | {f.description or ''} |")
             continue
         out.append(f"| `{path}` | {_type_name(ann)} | {_default(f)} | {(f.description or '').replace('|', chr(92) + '|')} |")
 
@@ -70,4 +73,27 @@ def render_reference() -> str:
         except Exception:  # noqa: BLE001 - a family not built yet is listed as such
             names = []
         lines.append(f"- `stages.{stage}.method`: {', '.join(f'`{n}`' for n in names) or '(none yet)'}")
+    lines.append("")
+    for stage in METHOD_FAMILIES:
+        registry = method_registry(stage)
+        for name in registry.names():
+            params = getattr(registry.module(name), "Params", None)
+            if params is not None:
+                lines += _params_section(f"stages.{stage}.params", f"{stage}: `{name}`", params)
     return "\n".join(lines) + "\n"
+
+
+def _params_section(prefix: str, title: str, model: type[BaseModel]) -> list[str]:
+    """One method's ``params`` table, its nested settings (e.g. MREM's GPTQ initialiser) after it."""
+    out: list[str] = []
+    queue: list[tuple[str, type[BaseModel]]] = [(prefix, model)]
+    while queue:
+        path, m = queue.pop(0)
+        rows: list[str] = []
+        nested: list[tuple[str, type[BaseModel]]] = []
+        _rows(m, path, rows, nested)
+        if rows:
+            head = title if path == prefix else f"{title}, `{path}`"
+            out += [f"### {head}", "", "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""]
+        queue = nested + queue
+    return out
