@@ -197,12 +197,12 @@ def worker_reference(work: Path) -> dict:
 
     import torch
 
-    from pqflow.models import load_model_artifact, save_model, weight_bytes
+    from pqflow.models import cast_float, load_model_artifact, save_model, weight_bytes
     from pqflow.runtime import peak_rss_mb
 
     loaded = load_model_artifact(work / "source")
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(loaded.model.to(torch.float16), loaded.tokenizer, Path(tmp))
+        save_model(cast_float(loaded.model, torch.float16), loaded.tokenizer, Path(tmp))
         b = weight_bytes(Path(tmp))
     row = {"method": "unpruned", "config": "0% (fp16 file)", "ratio": 0.0, "bytes": b, "seconds": 0.0}
     row.update(evaluate(loaded.model.float(), loaded.tokenizer))

@@ -71,7 +71,7 @@ def evaluate(model, tok, work: Path) -> dict:
 def worker(method: str, config: str, work: Path, params: dict) -> dict:
     import torch
 
-    from pqflow.models import load_model_artifact, load_source, save_model, weight_bytes
+    from pqflow.models import cast_float, load_model_artifact, load_source, save_model, weight_bytes
     from pqflow.quant.report import folder_tensor_sizes, module_bytes
     from pqflow.recipe import parse_recipe
     from pqflow.runner import run_stage
@@ -81,9 +81,9 @@ def worker(method: str, config: str, work: Path, params: dict) -> dict:
     fp_dir = work / "fp16"
     if method == "fp16":
         src = load_source("smollm2-135m")
-        src.model.to(torch.float16)
+        cast_float(src.model, torch.float16)
         save_model(src.model, src.tokenizer, fp_dir)
-        model = src.model.float()  # fp16 weights, fp32 compute (as every other row computes)
+        model = cast_float(src.model, torch.float32)  # fp16 weights, fp32 compute (as every other row computes)
         row = {"method": "fp16", "config": "fp16", "seconds": 0.0, "bytes": weight_bytes(fp_dir)}
         row.update(evaluate(model, src.tokenizer, work))
         row["peak_rss_mb"] = round(peak_rss_mb())

@@ -94,6 +94,22 @@ def load_source(source: str, dtype: str = "float32") -> LoadedModel:
     return LoadedModel(model, tok, source)
 
 
+def cast_float(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model``'s weights to ``dtype`` in place, as ``from_pretrained(dtype=...)`` would load
+    them: buffers computed at construction (RoPE inverse frequencies) keep their dtype.
+
+    A plain ``model.to(bf16)`` rounds the inverse frequencies too; rotary angles at position 500
+    are then off by up to 0.7 rad (fp16: 0.05), and the in-memory model no longer computes what its saved
+    artifact reloads to.
+    """
+    kept = [(mod, name, buf) for mod in model.modules() for name, buf in mod.named_buffers(recurse=False)
+            if name in mod._non_persistent_buffers_set]
+    model.to(dtype)
+    for mod, name, buf in kept:
+        setattr(mod, name, buf)
+    return model
+
+
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() dedups tied weights
 

@@ -6,6 +6,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pqflow.models import cast_float
+
 SPECIALS = ("<s>", "</s>", "<pad>")
 
 
@@ -46,4 +48,4 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Llama
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_config())
-    return model.to(dtype).eval(), byte_tokenizer()
+    return cast_float(model, dtype).eval(), byte_tokenizer()

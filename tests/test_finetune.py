@@ -158,6 +158,21 @@ def test_lora_on_float_base_merges(tiny, data, tmp_path: Path):
         torch.testing.assert_close(load_model_artifact(out).model(w).logits, tuned.model(w).logits, rtol=0, atol=1e-6)
 
 
+def test_bf16_merged_lora_computes_as_it_reloads(data, tmp_path: Path):
+    # A bf16 cast must keep RoPE's inverse frequencies in fp32, as from_pretrained(dtype=bf16)
+    # does; otherwise the tuned model and its reloaded artifact disagree by whole logits.
+    from pqflow.tiny import tiny_llama
+
+    model, tok = tiny_llama()
+    p = lora.Params(**{**FAST, "steps": 2, "lr": 3e-3, "base_dtype": "bfloat16"})
+    tuned = lora.tune(Base(model, tok, {"format": "hf"}), data, p, tmp_path / "bf16")
+    assert next(tuned.model.parameters()).dtype == torch.bfloat16
+    assert tuned.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    w = data.heldout[:1]
+    with torch.no_grad():
+        assert torch.equal(load_model_artifact(tmp_path / "bf16").model(w).logits, tuned.model(w).logits)
+
+
 def test_loftq_starts_closer_to_the_float_model_than_rtn(tiny, data, packed: Path, tmp_path: Path):
     model, tok = tiny
     w = data.heldout

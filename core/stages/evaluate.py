@@ -10,7 +10,7 @@ import torch
 
 from pqflow.artifacts import Artifact
 from pqflow.data import eval_windows, load_text, tokenize
-from pqflow.models import param_count, save_model, weight_bytes
+from pqflow.models import cast_float, param_count, save_model, weight_bytes
 from pqflow.perplexity import perplexity
 from pqflow.recipe import Recipe
 from pqflow.runtime import peak_rss_mb
@@ -33,7 +33,7 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
         # A source model has no artifact yet: save it as the fp16 checkpoint that compressed
         # models are compared with, and measure that file.
         with tempfile.TemporaryDirectory(prefix="pqflow-eval-") as tmp:
-            save_model(loaded.model.to(torch.float16), loaded.tokenizer, Path(tmp))
+            save_model(cast_float(loaded.model, torch.float16), loaded.tokenizer, Path(tmp))
             model_bytes = weight_bytes(Path(tmp))
             artifact_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
         model_uri = recipe.model.source

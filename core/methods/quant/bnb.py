@@ -20,7 +20,7 @@ from torch import nn
 
 from pqflow.calibration import decoder_linears
 from pqflow.methods.quant.plan import Plan
-from pqflow.models import LoadedModel
+from pqflow.models import LoadedModel, cast_float
 
 NEEDS_CALIBRATION = False
 
@@ -58,7 +58,7 @@ def convert(model: nn.Module, plan: Plan, kind: str, double_quant: bool = True, 
     skip = ["lm_head"] + [n for n in decoder_linears(model) if n not in plan]
     compute = next(model.parameters()).dtype
     with tempfile.TemporaryDirectory(prefix="pqflow-bnb-") as tmp:
-        model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        cast_float(model, torch.float16).save_pretrained(tmp, safe_serialization=True)
         qmodel = AutoModelForCausalLM.from_pretrained(
             tmp, quantization_config=bnb_config(kind, double_quant, threshold, skip, compute),
             dtype=compute, device_map="cpu")

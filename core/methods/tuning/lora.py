@@ -31,7 +31,7 @@ from pqflow.methods.tuning.common import (
 )
 from pqflow.methods.tuning.format import save_adapter
 from pqflow.methods.tuning.train import TrainData, TrainParams, resolve_device, train
-from pqflow.models import DTYPES, save_hf, save_model
+from pqflow.models import DTYPES, cast_float, save_hf, save_model
 from pqflow.quant import QuantLinear
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -77,7 +77,7 @@ def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
     if p.base_dtype is not None:
         if quantized:
             raise ValueError("params.base_dtype: the base is quantized; its compute dtype is fixed")
-        model.to(DTYPES[p.base_dtype])
+        cast_float(model, DTYPES[p.base_dtype])
     scaling = p.alpha / p.r
     torch.manual_seed(p.seed)
     loftq_init = None
