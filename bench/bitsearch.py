@@ -11,13 +11,15 @@ biases), computed exactly as ``quantize`` stores them: 3.0, 3.5 and 4.5 bits. At
   importance stage's Taylor scores, sensitivity);
 - ``nevergrad``: the ``bit-search`` stage (prior auto, 40 trials), timed end to end.
 
-Every allocation goes through the ``quantize`` stage (RTN for every row; bit choices exclude
-4-bit g32, which is lossless on these Q4_1-derived weights) and the saved artifact is reloaded
-and evaluated; bytes are read from the artifact's safetensors header. Rows run in subprocesses
+Every allocation goes through the ``quantize`` stage with one method for every row (``--quantize``,
+RTN by default; bit choices exclude 4-bit g32, which is lossless on these Q4_1-derived weights) and
+the saved artifact is reloaded and evaluated; bytes are read from the artifact's safetensors
+header. The search itself always scores trials with RTN fake quantization. Rows run in subprocesses
 (honest peak RSS); ``seconds`` is the time to produce the allocation.
 
     python bench/bitsearch.py                 # everything (~1-2 h on 2 busy cores)
     python bench/bitsearch.py --budgets 3.0   # a subset; rows merge into the JSON
+    python bench/bitsearch.py --budgets 3.0 --quantize gptq --reuse   # same allocations, GPTQ
 """
 
 from __future__ import annotations
@@ -169,8 +171,8 @@ def w_search(work: Path, budget: float) -> dict:
             "peak_rss_mb": round(peak_rss_mb())}
 
 
-def w_eval(work: Path, uri: str) -> dict:
-    """Quantize with the allocation through the stage, reload the artifact, evaluate."""
+def w_eval(work: Path, uri: str, method: str) -> dict:
+    """Quantize with the allocation through the stage (``method``), reload the artifact, evaluate."""
     from pqflow.data import eval_windows, load_text, tokenize
     from pqflow.models import load_model_artifact
     from pqflow.perplexity import perplexity
@@ -179,9 +181,11 @@ def w_eval(work: Path, uri: str) -> dict:
     from pqflow.runner import run_stage
     from pqflow.runtime import peak_rss_mb
 
-    r = parse_recipe(recipe(work, avg_bits=4.5))
+    doc = recipe(work, avg_bits=4.5)
+    doc["stages"]["quantize"]["method"] = method
+    r = parse_recipe(doc)
     name = uri.rstrip("/").rsplit("/", 1)[1]
-    q = run_stage("quantize", r, {"allocation": uri}, f"file://{work}/q-{name}")
+    q = run_stage("quantize", r, {"allocation": uri}, f"file://{work}/q-{method}-{name}")
     qdir = Path(q.uri[len("file://"):])
     loaded = load_model_artifact(qdir)
     linears = sorted({k.rsplit(".", 1)[0] for k in folder_tensor_sizes(qdir) if ".layers." in k})
@@ -191,15 +195,18 @@ def w_eval(work: Path, uri: str) -> dict:
                     for m in mods)
     ids = tokenize(loaded.tokenizer, load_text("wikitext2", "test"))
     res = perplexity(loaded.model, eval_windows(ids, SEQLEN, WINDOWS), batch_size=4, progress=False)
-    return {"ppl": round(res.ppl, 3), "bytes": lin_bytes, "avg_bits": round(8 * lin_bytes / n_weights, 4),
+    return {"quantize": method, "ppl": round(res.ppl, 3), "bytes": lin_bytes, "avg_bits": round(8 * lin_bytes / n_weights, 4),
             "model_bytes": q.summary["model_bytes"], "eval_peak_rss_mb": round(peak_rss_mb())}
 
 
 WORKERS = {"prepare": w_prepare, "priors": w_priors, "search": w_search, "eval": w_eval}
 
 
-def call(kind: str, work: Path, *args: str) -> dict:
+def call(kind: str, work: Path, *args: str, reuse: bool = False) -> dict:
     out = work / f"out-{kind}-{'-'.join(a.rsplit('/', 1)[-1] for a in args)}.json"
+    if reuse and out.is_file():
+        print(f"[bench] reusing {out}", flush=True)
+        return json.loads(out.read_text())
     cmd = [sys.executable, __file__, "--work", str(work), "--worker", kind, *args, "--out", str(out)]
     rc = subprocess.run(cmd).returncode
     if rc != 0 or not out.is_file():
@@ -208,7 +215,7 @@ def call(kind: str, work: Path, *args: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    return markdown_table(rows, ["method", "config", "ppl", "bytes", "avg_bits", "heldout_kl", "seconds", "peak_rss_mb"])
+    return markdown_table(rows, ["method", "config", "quantize", "ppl", "bytes", "avg_bits", "heldout_kl", "seconds", "peak_rss_mb"])
 
 
 def main() -> None:
@@ -217,6 +224,10 @@ def main() -> None:
     ap.add_argument("--work", default=os.environ.get("PQFLOW_BENCH_WORK", "/tmp/pqflow-bench-bitsearch"))
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--skip-search", action="store_true", help="uniform and prior rows only")
+    ap.add_argument("--quantize", default="rtn", choices=["rtn", "gptq", "mrem"],
+                    help="the quantize method every allocation is stored with")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse allocations (priors, searches) and evaluations already in --work")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -236,23 +247,24 @@ def main() -> None:
     budgets = [float(x) for x in args.budgets.split(",")]
     if not (work / "prepare.json").is_file():
         (work / "prepare.json").write_text(json.dumps(call("prepare", work)))
-    priors = call("priors", work, ",".join(f"{b:g}" for b in budgets))
+    priors = call("priors", work, ",".join(f"{b:g}" for b in budgets), reuse=args.reuse)
     rows = []
     for row in priors["rows"]:
         row["peak_rss_mb"] = priors["peak_rss_mb"]
         rows.append(row)
     if not args.skip_search:
         for b in budgets:
-            rows.append(call("search", work, f"{b:g}"))
+            rows.append(call("search", work, f"{b:g}", reuse=args.reuse))
     results = Path(args.results)
     old = json.loads(results.read_text()) if results.is_file() else []
     for row in rows:
-        row.update(call("eval", work, row["uri"]))
+        row.update(call("eval", work, row["uri"], args.quantize, reuse=args.reuse))
         row.pop("uri")
         print(table([row]), flush=True)
-        old = [o for o in old if o["config"] != row["config"] or o["method"] != row["method"]] + [row]
-        old.sort(key=lambda r: (r["budget_bits"], ["uniform", "importance-prior", "nevergrad"].index(r["method"]),
-                                r["config"]))
+        old = [o for o in old if (o["config"], o["method"], o.get("quantize")) != (row["config"], row["method"],
+                                                                                   row["quantize"])] + [row]
+        old.sort(key=lambda r: (r["budget_bits"], r.get("quantize", ""),
+                                ["uniform", "importance-prior", "nevergrad"].index(r["method"]), r["config"]))
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(old, indent=1) + "\n")
     print(table(old))
