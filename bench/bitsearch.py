@@ -19,7 +19,8 @@ header. The search itself always scores trials with RTN fake quantization. Rows 
 
     python bench/bitsearch.py                 # everything (~1-2 h on 2 busy cores)
     python bench/bitsearch.py --budgets 3.0   # a subset; rows merge into the JSON
-    python bench/bitsearch.py --budgets 3.0 --quantize gptq --reuse   # same allocations, GPTQ
+    python bench/bitsearch.py --budgets 3.0 --quantize gptq --reuse --priors importance
+                                              # the same allocations stored with GPTQ
 """
 
 from __future__ import annotations
@@ -226,6 +227,7 @@ def main() -> None:
     ap.add_argument("--skip-search", action="store_true", help="uniform and prior rows only")
     ap.add_argument("--quantize", default="rtn", choices=["rtn", "gptq", "mrem"],
                     help="the quantize method every allocation is stored with")
+    ap.add_argument("--priors", default=",".join(PRIORS), help="which prior rows to quantize and evaluate")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse allocations (priors, searches) and evaluations already in --work")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -249,9 +251,11 @@ def main() -> None:
         (work / "prepare.json").write_text(json.dumps(call("prepare", work)))
     priors = call("priors", work, ",".join(f"{b:g}" for b in budgets), reuse=args.reuse)
     rows = []
+    wanted = set(args.priors.split(","))
     for row in priors["rows"]:
         row["peak_rss_mb"] = priors["peak_rss_mb"]
-        rows.append(row)
+        if row["method"] == "uniform" or row["prior"] in wanted:
+            rows.append(row)
     if not args.skip_search:
         for b in budgets:
             rows.append(call("search", work, f"{b:g}", reuse=args.reuse))
