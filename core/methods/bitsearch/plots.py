@@ -31,6 +31,7 @@ def pareto_plot(trials: list[Trial], front: list[Trial], best: Trial, budget: in
     ax.scatter([best.bytes / mib], [best.objective], marker="*", s=160, c="red", label="chosen", zorder=5)
     ax.axvline(budget / mib, color="grey", ls="--", lw=1, label="budget")
     ax.set_xlabel("bytes of the quantized decoder linears (MiB)")
+    ax.ticklabel_format(axis="x", useOffset=False)  # repaired trials sit within KiB of the budget
     ax.set_ylabel(objective + " on held-out tokens (lower is better)")
     ax.set_title("bit-search trials")
     ax.legend(fontsize=8)
