@@ -99,8 +99,8 @@ def cast_float(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     them: buffers computed at construction (RoPE inverse frequencies) keep their dtype.
 
     A plain ``model.to(bf16)`` rounds the inverse frequencies too; rotary angles at position 500
-    are then off by up to 0.7 rad (fp16: 0.05), and the in-memory model no longer computes what its saved
-    artifact reloads to.
+    are then off by up to 0.7 rad (fp16: 0.05), and the in-memory model no longer computes what
+    its saved artifact reloads to.
     """
     kept = [(mod, name, buf) for mod in model.modules() for name, buf in mod.named_buffers(recurse=False)
             if name in mod._non_persistent_buffers_set]
