@@ -14,13 +14,16 @@ biases), computed exactly as ``quantize`` stores them: 3.0, 3.5 and 4.5 bits. At
 Every allocation goes through the ``quantize`` stage with one method for every row (``--quantize``,
 RTN by default; bit choices exclude 4-bit g32, which is lossless on these Q4_1-derived weights) and
 the saved artifact is reloaded and evaluated; bytes are read from the artifact's safetensors
-header. The search itself always scores trials with RTN fake quantization. Rows run in subprocesses
-(honest peak RSS); ``seconds`` is the time to produce the allocation.
+header. The search and the priors score allocations with RTN fake quantization, or with GPTQ
+(``--search-with gptq``: per-module GPTQ on the calibration XᵀX, in its own work dir). Rows run in
+subprocesses (honest peak RSS); ``seconds`` is the time to produce the allocation.
 
     python bench/bitsearch.py                 # everything (~1-2 h on 2 busy cores)
     python bench/bitsearch.py --budgets 3.0   # a subset; rows merge into the JSON
     python bench/bitsearch.py --budgets 3.0 --quantize gptq --reuse --priors importance
                                               # the same allocations stored with GPTQ
+    python bench/bitsearch.py --budgets 3.0 --search-with gptq --quantize gptq --priors importance
+                                              # searched and stored with GPTQ
 """
 
 from __future__ import annotations
@@ -44,16 +47,21 @@ PRIORS = ("error", "mi", "importance", "sensitivity")
 TRIALS = 40
 
 
-def recipe(work: Path, **bit_search) -> dict:
+SEARCH_WITH = ("rtn", "gptq")  # quantize methods with a per-module fake quantizer for trials
+
+
+def recipe(work: Path, quantize: str = "rtn", **bit_search) -> dict:
+    """``quantize`` is the quantize stage's method; the search's trials follow it."""
     return {
         "name": "bench-bitsearch",
         "model": {"source": "smollm2-135m"},
         "stages": {
-            "calibrate": {"n_windows": 32, "seqlen": SEQLEN, "seed": 0},
+            # XᵀX only feeds GPTQ-scored trials; RTN trials and the priors never read it
+            "calibrate": {"n_windows": 32, "seqlen": SEQLEN, "seed": 0, "collect_xtx": quantize == "gptq"},
             "importance": {"enabled": True, "method": "taylor"},
             "bit_search": {"enabled": True, "choices": CHOICES, "heldout_windows": 8, "heldout_seqlen": 256,
                            "seed": 0, **bit_search},
-            "quantize": {"enabled": True, "method": "rtn", "bits": 4, "group_size": 64},
+            "quantize": {"enabled": True, "method": quantize, "bits": 4, "group_size": 64},
         },
         "storage": {"root": f"file://{work}"},
     }
@@ -86,17 +94,18 @@ def publish_allocation(work: Path, name: str, doc: dict) -> str:
 # -- workers (each in its own process) ---------------------------------------------------------
 
 
-def w_prepare(work: Path) -> dict:
+def w_prepare(work: Path, search_with: str) -> dict:
     from pqflow.recipe import parse_recipe
     from pqflow.runner import run_stage
 
-    r = parse_recipe(recipe(work, avg_bits=4.5))
+    r = parse_recipe(recipe(work, search_with, avg_bits=4.5))
     cal = run_stage("calibrate", r, {}, f"file://{work}/calib")
     imp = run_stage("importance", r, {"calib": cal.uri}, f"file://{work}/importance")
-    return {"calib": cal.uri, "importance": imp.uri, "importance_seconds": imp.summary.get("importance_seconds")}
+    return {"calib": cal.uri, "importance": imp.uri, "importance_seconds": imp.summary.get("importance_seconds"),
+            "xtx": search_with == "gptq"}
 
 
-def w_priors(work: Path, budgets: list[float]) -> dict:
+def w_priors(work: Path, budgets: list[float], search_with: str) -> dict:
     """Uniform and prior allocations for every budget, sharing one search context."""
     from functools import partial
 
@@ -110,7 +119,7 @@ def w_priors(work: Path, budgets: list[float]) -> dict:
     from pqflow.stages.bit_search import fake_quantizer, heldout_windows, importance_scores, open_calibration
 
     prep = json.loads((work / "prepare.json").read_text())
-    r = parse_recipe(recipe(work, avg_bits=4.5))
+    r = parse_recipe(recipe(work, search_with, avg_bits=4.5))
     loaded = load_source("smollm2-135m")
     calib = open_calibration(open_artifact(prep["calib"]))
     space = SearchSpace.build(loaded.model, "linear", [parse_choice(c) for c in CHOICES])
@@ -145,7 +154,8 @@ def w_priors(work: Path, budgets: list[float]) -> dict:
             a = B.greedy(space, budget, ctx.damage(p))
             m = ctx.evaluator.measure(a)
             doc = space.allocation_json(a, method="importance-prior", prior=p, objective_value=m.objective)
-            out["rows"].append({"method": "importance-prior", "config": f"{b:g} bits: {p}", "budget_bits": b,
+            out["rows"].append({"method": "importance-prior", "config": f"{b:g} bits: {p}{tag(search_with)}",
+                                "budget_bits": b,
                                 "prior": p, "heldout_kl": round(m.objective, 5),
                                 "uri": publish_allocation(work, f"prior-{p}-{b:g}", doc),
                                 "seconds": round(t_err + t_prior[p], 1)})
@@ -154,20 +164,21 @@ def w_priors(work: Path, budgets: list[float]) -> dict:
     return out
 
 
-def w_search(work: Path, budget: float) -> dict:
+def w_search(work: Path, budget: float, search_with: str) -> dict:
     from pqflow.recipe import parse_recipe
     from pqflow.runner import run_stage
     from pqflow.runtime import peak_rss_mb
 
     prep = json.loads((work / "prepare.json").read_text())
-    r = parse_recipe(recipe(work, avg_bits=budget, method="nevergrad", params={"trials": TRIALS, "prior": "auto"}))
+    r = parse_recipe(recipe(work, search_with, avg_bits=budget, method="nevergrad",
+                            params={"trials": TRIALS, "prior": "auto"}))
     t0 = time.perf_counter()
     res = run_stage("bit-search", r, {"calib": prep["calib"], "importance": prep["importance"]},
                     f"file://{work}/search-{budget:g}", force=True)
     secs = time.perf_counter() - t0
     info = json.loads((work / f"search-{budget:g}" / "search.json").read_text())["info"]
-    return {"method": "nevergrad", "config": f"{budget:g} bits: {info.get('optimizer')} seeded by {info.get('prior')}",
-            "budget_bits": budget, "uri": res.uri, "seconds": round(secs, 1), "trials": res.summary["trials"],
+    return {"method": "nevergrad", "budget_bits": budget, "search_with": info.get("fake_quant"),
+            "config": f"{budget:g} bits: {info.get('optimizer')} seeded by {info.get('prior')}{tag(search_with)}", "uri": res.uri, "seconds": round(secs, 1), "trials": res.summary["trials"],
             "heldout_kl": round(res.summary["objective"], 5), "prior_heldout_kl": info.get("prior_objectives"),
             "peak_rss_mb": round(peak_rss_mb())}
 
@@ -203,6 +214,11 @@ def w_eval(work: Path, uri: str, method: str) -> dict:
 WORKERS = {"prepare": w_prepare, "priors": w_priors, "search": w_search, "eval": w_eval}
 
 
+def tag(search_with: str) -> str:
+    """Config suffix of rows whose allocation depends on the search's fake quantizer."""
+    return "" if search_with == "rtn" else f" ({search_with}-scored)"
+
+
 def call(kind: str, work: Path, *args: str, reuse: bool = False) -> dict:
     out = work / f"out-{kind}-{'-'.join(a.rsplit('/', 1)[-1] for a in args)}.json"
     if reuse and out.is_file():
@@ -222,11 +238,13 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
-    ap.add_argument("--work", default=os.environ.get("PQFLOW_BENCH_WORK", "/tmp/pqflow-bench-bitsearch"))
+    ap.add_argument("--work", help="work dir (default $PQFLOW_BENCH_WORK or /tmp/pqflow-bench-bitsearch)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--skip-search", action="store_true", help="uniform and prior rows only")
     ap.add_argument("--quantize", default="rtn", choices=["rtn", "gptq", "mrem"],
                     help="the quantize method every allocation is stored with")
+    ap.add_argument("--search-with", default="rtn", choices=SEARCH_WITH,
+                    help="fake quantizer that scores priors and trials (gptq: default --work gets a -gptq suffix)")
     ap.add_argument("--priors", default=",".join(PRIORS), help="which prior rows to quantize and evaluate")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse allocations (priors, searches) and evaluations already in --work")
@@ -234,22 +252,27 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     use_shared_data()
-    work = Path(args.work)
+    default_work = os.environ.get("PQFLOW_BENCH_WORK", "/tmp/pqflow-bench-bitsearch")
+    work = Path(args.work or (default_work + ("" if args.search_with == "rtn" else f"-{args.search_with}")))
     work.mkdir(parents=True, exist_ok=True)
     if args.worker:
         kind, *rest = args.worker
         if kind == "priors":
-            res = w_priors(work, [float(x) for x in rest[0].split(",")])
+            res = w_priors(work, [float(x) for x in rest[0].split(",")], (rest + ["rtn"])[1])
         elif kind == "search":
-            res = w_search(work, float(rest[0]))
+            res = w_search(work, float(rest[0]), (rest + ["rtn"])[1])
         else:
             res = WORKERS[kind](work, *rest)
         Path(args.out).write_text(json.dumps(res))
         return
     budgets = [float(x) for x in args.budgets.split(",")]
     if not (work / "prepare.json").is_file():
-        (work / "prepare.json").write_text(json.dumps(call("prepare", work)))
-    priors = call("priors", work, ",".join(f"{b:g}" for b in budgets), reuse=args.reuse)
+        (work / "prepare.json").write_text(json.dumps(call("prepare", work, args.search_with)))
+    if args.search_with == "gptq" and not json.loads((work / "prepare.json").read_text()).get("xtx"):
+        raise SystemExit(f"[bench] {work} was prepared without XᵀX, which GPTQ-scored trials need: "
+                         "use a fresh --work")
+    sw = [] if args.search_with == "rtn" else [args.search_with]  # keeps the RTN runs' cache names
+    priors = call("priors", work, ",".join(f"{b:g}" for b in budgets), *sw, reuse=args.reuse)
     rows = []
     wanted = set(args.priors.split(","))
     for row in priors["rows"]:
@@ -258,7 +281,7 @@ def main() -> None:
             rows.append(row)
     if not args.skip_search:
         for b in budgets:
-            rows.append(call("search", work, f"{b:g}", reuse=args.reuse))
+            rows.append(call("search", work, f"{b:g}", *sw, reuse=args.reuse))
     results = Path(args.results)
     old = json.loads(results.read_text()) if results.is_file() else []
     for row in rows:

@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import use_shared_data  # bench/ is on sys.path when a bench runs as a script
+from common import markdown_table, use_shared_data  # bench/ is on sys.path when a bench runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "finetune.json"
@@ -251,13 +251,12 @@ def check(args: argparse.Namespace) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| method | config | ppl | vs compressed | bytes | train s | steps | trainable params | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        drop = f"{-100 * r['ppl_drop_vs_compressed']:+.1f}%" if "ppl_drop_vs_compressed" in r else ""
-        print(f"| {r['method']} | {r['config']} | {r['ppl']:.2f} | {drop} | {r['bytes'] / 2**20:.1f} MiB | "
-              f"{r['seconds']:.0f} | {r['steps']} | {r['trainable_params']:,} | {r['peak_rss_mb']} |")
-
+    """The rows with human units (drop in %, MiB, thousands separators)."""
+    shown = [{"method": r["method"], "config": r["config"], "ppl": f"{r['ppl']:.2f}",
+              "vs compressed": f"{-100 * r['ppl_drop_vs_compressed']:+.1f}%" if "ppl_drop_vs_compressed" in r else "",
+              "bytes": f"{r['bytes'] / 2**20:.1f} MiB", "train s": f"{r['seconds']:.0f}", "steps": r["steps"],
+              "trainable params": f"{r['trainable_params']:,}", "peak RSS MiB": r["peak_rss_mb"]} for r in rows]
+    print(markdown_table(shown, list(shown[0]) if shown else []))
 
 if __name__ == "__main__":
     main()
