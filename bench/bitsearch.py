@@ -245,6 +245,7 @@ def main() -> None:
                     help="the quantize method every allocation is stored with")
     ap.add_argument("--search-with", default="rtn", choices=SEARCH_WITH,
                     help="fake quantizer that scores priors and trials (gptq: default --work gets a -gptq suffix)")
+    ap.add_argument("--no-uniform", action="store_true", help="skip the uniform rows (e.g. with a slow --quantize)")
     ap.add_argument("--priors", default=",".join(PRIORS), help="which prior rows to quantize and evaluate")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse allocations (priors, searches) and evaluations already in --work")
@@ -277,7 +278,7 @@ def main() -> None:
     wanted = set(args.priors.split(","))
     for row in priors["rows"]:
         row["peak_rss_mb"] = priors["peak_rss_mb"]
-        if row["method"] == "uniform" or row["prior"] in wanted:
+        if row["method"] == "uniform" and not args.no_uniform or row.get("prior") in wanted:
             rows.append(row)
     if not args.skip_search:
         for b in budgets:
