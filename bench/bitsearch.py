@@ -155,8 +155,7 @@ def w_priors(work: Path, budgets: list[float], search_with: str) -> dict:
             m = ctx.evaluator.measure(a)
             doc = space.allocation_json(a, method="importance-prior", prior=p, objective_value=m.objective)
             out["rows"].append({"method": "importance-prior", "config": f"{b:g} bits: {p}{tag(search_with)}",
-                                "budget_bits": b,
-                                "prior": p, "heldout_kl": round(m.objective, 5),
+                                "budget_bits": b, "prior": p, "heldout_kl": round(m.objective, 5),
                                 "uri": publish_allocation(work, f"prior-{p}-{b:g}", doc),
                                 "seconds": round(t_err + t_prior[p], 1)})
     out["peak_rss_mb"] = round(peak_rss_mb())
@@ -177,8 +176,9 @@ def w_search(work: Path, budget: float, search_with: str) -> dict:
                     f"file://{work}/search-{budget:g}", force=True)
     secs = time.perf_counter() - t0
     info = json.loads((work / f"search-{budget:g}" / "search.json").read_text())["info"]
-    return {"method": "nevergrad", "budget_bits": budget, "search_with": info.get("fake_quant"),
-            "config": f"{budget:g} bits: {info.get('optimizer')} seeded by {info.get('prior')}{tag(search_with)}", "uri": res.uri, "seconds": round(secs, 1), "trials": res.summary["trials"],
+    config = f"{budget:g} bits: {info.get('optimizer')} seeded by {info.get('prior')}{tag(search_with)}"
+    return {"method": "nevergrad", "config": config, "budget_bits": budget, "search_with": info.get("fake_quant"),
+            "uri": res.uri, "seconds": round(secs, 1), "trials": res.summary["trials"],
             "heldout_kl": round(res.summary["objective"], 5), "prior_heldout_kl": info.get("prior_objectives"),
             "peak_rss_mb": round(peak_rss_mb())}
 
@@ -278,7 +278,7 @@ def main() -> None:
     wanted = set(args.priors.split(","))
     for row in priors["rows"]:
         row["peak_rss_mb"] = priors["peak_rss_mb"]
-        if row["method"] == "uniform" and not args.no_uniform or row.get("prior") in wanted:
+        if (row["method"] == "uniform" and not args.no_uniform) or row.get("prior") in wanted:
             rows.append(row)
     if not args.skip_search:
         for b in budgets:

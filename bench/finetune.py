@@ -258,5 +258,6 @@ def print_table(rows: list[dict]) -> None:
               "trainable params": f"{r['trainable_params']:,}", "peak RSS MiB": r["peak_rss_mb"]} for r in rows]
     print(markdown_table(shown, list(shown[0]) if shown else []))
 
+
 if __name__ == "__main__":
     main()
