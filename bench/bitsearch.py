@@ -102,7 +102,7 @@ def w_prepare(work: Path, search_with: str) -> dict:
     cal = run_stage("calibrate", r, {}, f"file://{work}/calib")
     imp = run_stage("importance", r, {"calib": cal.uri}, f"file://{work}/importance")
     return {"calib": cal.uri, "importance": imp.uri, "importance_seconds": imp.summary.get("importance_seconds"),
-            "xtx": search_with == "gptq"}
+            "xtx": r.stages.calibrate.collect_xtx}
 
 
 def w_priors(work: Path, budgets: list[float], search_with: str) -> dict:
