@@ -24,6 +24,8 @@ subprocesses (honest peak RSS); ``seconds`` is the time to produce the allocatio
                                               # the same allocations stored with GPTQ
     python bench/bitsearch.py --budgets 3.0 --search-with gptq --quantize gptq --priors importance
                                               # searched and stored with GPTQ
+    python bench/bitsearch.py --budgets 3.0 --search-with gptq --quantize mrem-lr --reuse --no-uniform
+                                              # the same allocations stored with MREM, learned rounding
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ TRIALS = 40
 
 
 SEARCH_WITH = ("rtn", "gptq")  # quantize methods with a per-module fake quantizer for trials
+# --quantize choices: the quantize stage's method and its params
+QUANTIZE = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "mrem": ("mrem", {}),
+            "mrem-lr": ("mrem", {"rounding": "learned"})}
 
 
 def recipe(work: Path, quantize: str = "rtn", **bit_search) -> dict:
@@ -194,7 +199,7 @@ def w_eval(work: Path, uri: str, method: str) -> dict:
     from pqflow.runtime import peak_rss_mb
 
     doc = recipe(work, avg_bits=4.5)
-    doc["stages"]["quantize"]["method"] = method
+    doc["stages"]["quantize"]["method"], doc["stages"]["quantize"]["params"] = QUANTIZE[method]
     r = parse_recipe(doc)
     name = uri.rstrip("/").rsplit("/", 1)[1]
     q = run_stage("quantize", r, {"allocation": uri}, f"file://{work}/q-{method}-{name}")
@@ -241,8 +246,8 @@ def main() -> None:
     ap.add_argument("--work", help="work dir (default $PQFLOW_BENCH_WORK or /tmp/pqflow-bench-bitsearch)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--skip-search", action="store_true", help="uniform and prior rows only")
-    ap.add_argument("--quantize", default="rtn", choices=["rtn", "gptq", "mrem"],
-                    help="the quantize method every allocation is stored with")
+    ap.add_argument("--quantize", default="rtn", choices=list(QUANTIZE),
+                    help="the quantize method every allocation is stored with (mrem-lr: MREM with learned rounding)")
     ap.add_argument("--search-with", default="rtn", choices=SEARCH_WITH,
                     help="fake quantizer that scores priors and trials (gptq: default --work gets a -gptq suffix)")
     ap.add_argument("--no-uniform", action="store_true", help="skip the uniform rows (e.g. with a slow --quantize)")
