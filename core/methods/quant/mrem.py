@@ -59,7 +59,8 @@ class Params(BaseModel):
                                                   "them too (straight-through rounding)")
     code_lr: float = Field(0.02, gt=0, description="Adam learning rate of the latent codes (rounding: learned), "
                            "in code levels per step, decayed linearly to 0: a latent travels at most steps x lr / 2 "
-                           "levels (1.5 at 150 steps; on SmolLM2's first 3 blocks at 3.0 bits 0.05 fits no better and 0.005 flips no code)")
+                           "levels (1.5 at 150 steps; on SmolLM2's first 3 blocks at 3.0 bits 0.05 fits no "
+                           "better and 0.005 flips no code)")
     batch_windows: int = Field(2, ge=1, description="calibration windows per Adam step")
     n_windows: int = Field(32, ge=1, description="calibration windows used")
     blocks_per_module: int = Field(1, ge=1, description="consecutive decoder blocks optimised together")
@@ -135,7 +136,7 @@ def module_steps(params: Params, bits: list[int]) -> int:
 
 def tune_module(module: nn.Module, x_in: torch.Tensor, y_fp: torch.Tensor, kwargs: dict[str, Any],
                 params: Params, x_fp: torch.Tensor | None = None, progress: bool = True) -> dict[str, float]:
-    """Learn the scales (and norm gains) of an already-quantized ``module`` in place; returns
+    """Learn the scales (norm gains, codes) of an already-quantized ``module`` in place; returns
     the module's output MSE on all its calibration windows before and after."""
     qnames = [n for n, m in module.named_modules() if isinstance(m, QuantLinear)]
     tuned = {n: _Tuned(module.get_submodule(n), params.rounding == "learned") for n in qnames}
