@@ -95,9 +95,10 @@ def test_learned_rounding_moves_codes_and_beats_fixed_rounding(tiny):
     assert errs["learned"] < 0.7 * errs["fixed"], errs
     name = "model.layers.0.mlp.down_proj"
     fixed, learned = runs["fixed"].get_submodule(name), runs["learned"].get_submodule(name)
-    codes = learned.codes()
-    assert int(codes.max()) <= 3
-    assert (codes != fixed.codes()).any()
+    # block 0 sees the same inputs in both runs, so its GPTQ init is shared: codes move to
+    # nearby levels (a latent travels at most 150 x 0.02 / 2 = 1.5 levels), never far
+    moved = (learned.codes().int() - fixed.codes().int()).abs()
+    assert 1 <= int(moved.max()) <= 2
     assert learned.scales.dtype == torch.float16
 
 
