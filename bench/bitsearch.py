@@ -50,9 +50,10 @@ TRIALS = 40
 
 
 SEARCH_WITH = ("rtn", "gptq")  # quantize methods with a per-module fake quantizer for trials
-# --quantize choices: the quantize stage's method and its params
-QUANTIZE = {"rtn": ("rtn", {}), "gptq": ("gptq", {}), "mrem": ("mrem", {}),
-            "mrem-lr": ("mrem", {"rounding": "learned"})}
+# --quantize choices: the quantize stage's method, its params, and the calibration windows it draws
+# (the search's calibration keeps 32; learned rounding over-fits 32 windows, see mrem's n_windows)
+QUANTIZE = {"rtn": ("rtn", {}, 32), "gptq": ("gptq", {}, 32), "mrem": ("mrem", {}, 32),
+            "mrem-lr": ("mrem", {"rounding": "learned"}, 128)}
 
 
 def recipe(work: Path, quantize: str = "rtn", **bit_search) -> dict:
@@ -199,7 +200,8 @@ def w_eval(work: Path, uri: str, method: str) -> dict:
     from pqflow.runtime import peak_rss_mb
 
     doc = recipe(work, avg_bits=4.5)
-    doc["stages"]["quantize"]["method"], doc["stages"]["quantize"]["params"] = QUANTIZE[method]
+    doc["stages"]["quantize"]["method"], doc["stages"]["quantize"]["params"], n_windows = QUANTIZE[method]
+    doc["stages"]["calibrate"]["n_windows"] = n_windows  # the quantize stage draws its windows as calibrate would
     r = parse_recipe(doc)
     name = uri.rstrip("/").rsplit("/", 1)[1]
     q = run_stage("quantize", r, {"allocation": uri}, f"file://{work}/q-{method}-{name}")

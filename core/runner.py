@@ -38,12 +38,15 @@ class StageOutcome:
         return self.manifest.get("summary", {})
 
 
-def stage_params(spec: StageSpec, recipe: Recipe, has_model_input: bool) -> dict[str, Any]:
+def stage_params(spec: StageSpec, recipe: Recipe, input_names: set[str]) -> dict[str, Any]:
     """What the stage's output depends on, besides its inputs (resources do not count)."""
     cfg = recipe.stage(spec.key).model_dump(mode="json", exclude={"resources", "enabled"})
     params: dict[str, Any] = {"stage": cfg}
-    if not has_model_input:
+    if "model" not in input_names:
         params["model"] = recipe.model.model_dump(mode="json", exclude={"name"})
+    if "calib" in spec.optional and "calib" not in input_names:
+        # without a calib input the stage draws its windows as calibrate would
+        params["calibrate"] = recipe.stages.calibrate.model_dump(mode="json", exclude={"resources", "enabled"})
     return params
 
 
@@ -71,7 +74,7 @@ def run_stage(name: str, recipe: Recipe, input_uris: dict[str, str], out_uri: st
         )
     t0 = time.perf_counter()
     inputs = {k: open_artifact(uri) for k, uri in input_uris.items()}
-    params = stage_params(spec, recipe, "model" in inputs)
+    params = stage_params(spec, recipe, set(inputs))
     fp = fingerprint(spec, params, inputs)
     existing = read_manifest(out_uri)
     if existing is not None and existing.get("fingerprint") == fp and not force:

@@ -219,6 +219,23 @@ def test_quantize_stage_runs_with_allocation(tiny_recipe, tmp_path: Path):
     assert run_stage("quantize", tiny_recipe, {"calib": cal.uri, "allocation": alloc}, f"file://{tmp_path}/q").skipped
 
 
+def test_quantize_without_calib_input_reruns_when_calibrate_changes(tiny_recipe, tmp_path: Path):
+    """Without a calib input the stage draws its windows as calibrate would, so calibrate's
+    settings are part of its fingerprint."""
+    tiny_recipe.stages.quantize.enabled = True
+    tiny_recipe.stages.quantize.method = "gptq"
+    out = f"file://{tmp_path}/q"
+    assert not run_stage("quantize", tiny_recipe, {}, out).skipped
+    assert run_stage("quantize", tiny_recipe, {}, out).skipped
+    tiny_recipe.stages.calibrate.n_windows += 2
+    assert not run_stage("quantize", tiny_recipe, {}, out).skipped
+    cal = run_stage("calibrate", tiny_recipe, {}, f"file://{tmp_path}/cal")
+    with_calib = run_stage("quantize", tiny_recipe, {"calib": cal.uri}, out)
+    tiny_recipe.stages.calibrate.n_windows += 2  # the calib artifact decides now, not the recipe
+    assert run_stage("quantize", tiny_recipe, {"calib": cal.uri}, out).skipped
+    assert not with_calib.skipped
+
+
 def test_bad_allocation_is_one_clear_error(tiny_recipe, tmp_path: Path):
     from pqflow.errors import PqflowError
 

@@ -111,3 +111,9 @@ def test_learned_rounding_with_no_steps_keeps_the_initial_codes(tiny):
         out.append(m.get_submodule("model.layers.1.self_attn.q_proj"))
     assert torch.equal(out[0].codes(), out[1].codes())
     torch.testing.assert_close(out[0].scales, out[1].scales)
+
+
+def test_learned_rounding_defaults_to_more_windows():
+    assert mrem.module_windows(mrem.Params()) == 32
+    assert mrem.module_windows(mrem.Params(rounding="learned")) == 128
+    assert mrem.module_windows(mrem.Params(rounding="learned", n_windows=16)) == 16

@@ -62,7 +62,10 @@ class Params(BaseModel):
                            "levels (1.5 at 150 steps; on SmolLM2's first 3 blocks at 3.0 bits 0.05 fits no "
                            "better and 0.005 flips no code)")
     batch_windows: int = Field(2, ge=1, description="calibration windows per Adam step")
-    n_windows: int = Field(32, ge=1, description="calibration windows used")
+    n_windows: int | None = Field(None, ge=1, description="calibration windows used; null = 32 with fixed codes, "
+                                  "128 with learned rounding (a free code per weight over-fits 32: SmolLM2 at 3.0 "
+                                  "bits, KL to fp16 0.12 on the calibration windows vs 0.54 on test; with 128, test "
+                                  "ppl 44.73 -> 41.80)")
     blocks_per_module: int = Field(1, ge=1, description="consecutive decoder blocks optimised together")
     inputs: Literal["quantized", "fp"] = Field("quantized", description="what feeds each module (see module doc)")
     anneal: bool = Field(False, description="annealed teacher forcing from fp to quantized inputs (inputs: quantized)")
@@ -132,6 +135,12 @@ def module_steps(params: Params, bits: list[int]) -> int:
     if params.steps is not None:
         return params.steps
     return 60 if min(bits, default=16) >= 4 else 150
+
+
+def module_windows(params: Params) -> int:
+    if params.n_windows is not None:
+        return params.n_windows
+    return 128 if params.rounding == "learned" else 32
 
 
 def tune_module(module: nn.Module, x_in: torch.Tensor, y_fp: torch.Tensor, kwargs: dict[str, Any],
@@ -242,7 +251,11 @@ def quantize(model: nn.Module, windows: torch.Tensor | None, plan: Plan, params:
     if params.workers > 1 and params.inputs != "fp":
         raise ValueError("mrem: workers > 1 needs inputs: fp (modules fed by quantized predecessors run in order)")
     t0 = time.perf_counter()
-    windows = windows[: params.n_windows]
+    n = module_windows(params)
+    if len(windows) < n and params.n_windows is None and params.rounding == "learned":
+        print(f"[pqflow] mrem: learned rounding gets {len(windows)} calibration windows; it over-fits fewer "
+              f"than {n} (calibrate.n_windows)", file=sys.stderr)
+    windows = windows[:n]
     fp = capture_inputs(model, windows, params.gptq.batch_size)
     layers = decoder_layers(model)
     k = params.blocks_per_module
