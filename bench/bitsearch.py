@@ -53,7 +53,9 @@ SEARCH_WITH = ("rtn", "gptq")  # quantize methods with a per-module fake quantiz
 # --quantize choices: the quantize stage's method, its params, and the calibration windows it draws
 # (the search's calibration keeps 32; learned rounding over-fits 32 windows, see mrem's n_windows)
 QUANTIZE = {"rtn": ("rtn", {}, 32), "gptq": ("gptq", {}, 32), "mrem": ("mrem", {}, 32),
-            "mrem-lr": ("mrem", {"rounding": "learned"}, 128)}
+            "mrem-lr": ("mrem", {"rounding": "learned"}, 128),
+            "gptq-e2e": ("e2e", {"init": "gptq"}, 128),
+            "mrem-lr-e2e": ("e2e", {"init": "mrem", "mrem": {"rounding": "learned"}}, 128)}
 
 
 def recipe(work: Path, quantize: str = "rtn", **bit_search) -> dict:

@@ -11,6 +11,7 @@ REGISTRY = MethodRegistry("quantize", {
     "rtn": "pqflow.methods.quant.rtn",
     "gptq": "pqflow.methods.quant.gptq",
     "mrem": "pqflow.methods.quant.mrem",
+    "e2e": "pqflow.methods.quant.e2e",
     "bnb-nf4": "pqflow.methods.quant.bnb_nf4",
     "bnb-int8": "pqflow.methods.quant.bnb_int8",
 })

@@ -76,7 +76,7 @@ class Params(BaseModel):
     seed: int = Field(0, description="seed of the minibatch order")
 
 
-class _Tuned(nn.Module):
+class TunedLinear(nn.Module):
     """Stand-in for a QuantLinear while its scales (and codes) are learned: the weight is
     ``(q − z) · s₀ · exp(a)``, differentiable in ``a``; with ``learn_codes`` the centred code
     ``q − z`` is the rounded latent ``u`` (straight-through), clamped to the grid."""
@@ -127,7 +127,7 @@ class _Tuned(nn.Module):
         return self.q
 
 
-def _norms(module: nn.Module) -> list[nn.Parameter]:
+def norm_gains(module: nn.Module) -> list[nn.Parameter]:
     return [m.weight for n, m in module.named_modules() if "norm" in type(m).__name__.lower() and hasattr(m, "weight")]
 
 
@@ -148,10 +148,10 @@ def tune_module(module: nn.Module, x_in: torch.Tensor, y_fp: torch.Tensor, kwarg
     """Learn the scales (norm gains, codes) of an already-quantized ``module`` in place; returns
     the module's output MSE on all its calibration windows before and after."""
     qnames = [n for n, m in module.named_modules() if isinstance(m, QuantLinear)]
-    tuned = {n: _Tuned(module.get_submodule(n), params.rounding == "learned") for n in qnames}
+    tuned = {n: TunedLinear(module.get_submodule(n), params.rounding == "learned") for n in qnames}
     for n, t in tuned.items():
         set_module(module, n, t)
-    norms = _norms(module) if params.norm_lr > 0 else []
+    norms = norm_gains(module) if params.norm_lr > 0 else []
     latents = [t.u for t in tuned.values() if t.u is not None]
     trainable = {id(t.log_a) for t in tuned.values()} | {id(p) for p in norms} | {id(u) for u in latents}
     was = {p: p.requires_grad for p in module.parameters()}
