@@ -179,3 +179,14 @@ def test_stage_through_the_runner(tiny_recipe, tmp_path: Path, method):
     q = run_stage("quantize", r, {"allocation": res.uri}, f"file://{tmp_path}/q")
     assert q.summary["quantized_bytes"] == alloc["bytes"]
     assert run_stage("bit-search", r, {"calib": cal.uri}, f"file://{tmp_path}/bits").skipped
+
+
+def test_trials_use_the_initialiser_fake_quantizer_of_mrem_and_e2e(capsys):
+    from pqflow.methods.bitsearch.fakequant import weight_fn_for
+    from pqflow.methods.quant import e2e, mrem
+
+    assert weight_fn_for("e2e", e2e.Params(init="rtn", rtn={"clip_search": True}), None)[1] == "rtn-clip"
+    assert weight_fn_for("mrem", mrem.Params(init="rtn"), None)[1] == "rtn"
+    # GPTQ initialisers need XᵀX; without it the stage says so and scores with RTN
+    assert weight_fn_for("e2e", e2e.Params(init="mrem"), None)[1] == "rtn"
+    assert "no XᵀX" in capsys.readouterr().err

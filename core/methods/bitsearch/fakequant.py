@@ -9,6 +9,8 @@ quantizer follows the quantize stage's method and params:
   statistics (``XᵀX`` of the full-precision model; calibrate with ``collect_xtx: true``). The
   quantize stage runs GPTQ block by block on the outputs of already-quantized blocks, so its
   weights differ slightly from these; per-module results are what make trials cacheable.
+- ``mrem``, ``e2e`` — their initialiser's (GPTQ or RTN): the scale learning that follows has no
+  per-module equivalent.
 """
 
 from __future__ import annotations
@@ -61,8 +63,19 @@ def _gptq(params: Any, calib: Calibration | None) -> tuple[WeightFn, str]:
     return gptq_weight_fn(calib.xtx, params), "gptq"
 
 
+def _mrem(params: Any, calib: Calibration | None) -> tuple[WeightFn, str]:
+    """MREM starts from its initialiser's codes; its scale learning has no per-module equivalent."""
+    return _gptq(params.gptq, calib) if params.init == "gptq" else _rtn(None, calib)
+
+
+def _e2e(params: Any, calib: Calibration | None) -> tuple[WeightFn, str]:
+    """E2E keeps its initialiser's codes: trials use the initialiser's fake quantizer."""
+    return FAKE_QUANT[params.init](getattr(params, params.init), calib)
+
+
 # quantize method -> its per-module fake quantizer; one line per method that has one
-FAKE_QUANT: dict[str, Callable[[Any, Calibration | None], tuple[WeightFn, str]]] = {"rtn": _rtn, "gptq": _gptq}
+FAKE_QUANT: dict[str, Callable[[Any, Calibration | None], tuple[WeightFn, str]]] = {
+    "rtn": _rtn, "gptq": _gptq, "mrem": _mrem, "e2e": _e2e}
 
 
 def weight_fn_for(method: str, params: Any, calib: Calibration | None) -> tuple[WeightFn, str]:
