@@ -55,6 +55,7 @@ SEARCH_WITH = ("rtn", "gptq")  # quantize methods with a per-module fake quantiz
 QUANTIZE = {"rtn": ("rtn", {}, 32), "gptq": ("gptq", {}, 32), "mrem": ("mrem", {}, 32),
             "mrem-lr": ("mrem", {"rounding": "learned"}, 128),
             "gptq-e2e": ("e2e", {"init": "gptq"}, 128),
+            "gptq-e2e-lr": ("e2e", {"init": "gptq", "rounding": "learned"}, 128),
             "mrem-lr-e2e": ("e2e", {"init": "mrem", "mrem": {"rounding": "learned"}}, 128)}
 
 

@@ -7,8 +7,10 @@ model's next-token distribution matches the full-precision model's: the loss is 
 the fly). This is the second phase of EfficientQAT (E2E-QP: train only the quantization
 parameters end to end) with a distillation loss as in PEQA-style scale tuning; block-wise methods
 only see each block's output error, this one sees what the errors of all blocks do to the
-logits together. Codes and zero points never change, so the bytes are exactly the
-initialiser's. Calibration text only: the teacher never sees the test split either.
+logits together. Zero points never change and, with ``rounding: fixed``, neither do the codes;
+with ``rounding: learned`` every code may move to a neighbouring level (the straight-through
+latents of mrem's learned rounding, here trained on the model's KL). Either way the bytes are
+exactly the initialiser's. Calibration text only: the teacher never sees the test split either.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class Params(BaseModel):
     steps: int = Field(100, ge=0, description="Adam steps over the whole model (SmolLM2, 2 x 512 tokens a step: "
                        "~6 s each on 2 CPU cores; RTN 3g128 ppl 146 -> 44 in 60 steps)")
     lr: float = Field(0.02, gt=0, description="peak learning rate of the log-scale corrections (cosine to 0)")
+    rounding: Literal["fixed", "learned"] = Field("fixed", description="keep the initialiser's codes, or learn them "
+                                                  "end to end too (straight-through latents, as mrem's)")
+    code_lr: float = Field(0.02, gt=0, description="Adam learning rate of the latent codes (rounding: learned), "
+                           "in code levels per step, decayed linearly to 0")
     norm_lr: float = Field(1e-3, ge=0, description="peak learning rate of the RMSNorm gains (0 = frozen)")
     batch_windows: int = Field(2, ge=1, description="calibration windows per Adam step")
     n_windows: int | None = Field(None, ge=1, description="calibration windows the distillation draws from "
@@ -59,19 +65,20 @@ def token_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.
     return F.kl_div(s, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
 
 
-def distill_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, params: Params,
+def distill(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, params: Params,
                    progress: bool = True) -> dict[str, float]:
-    """Learn the scales of every ``QuantLinear`` of ``model`` (and its norm gains) in place towards
+    """Learn the scales of every ``QuantLinear`` of ``model`` (its norm gains, its codes) in place towards
     ``teacher``'s logits; returns the KL on the first windows before and after, and the seconds."""
     t0 = time.perf_counter()
     names = list(quantized_modules(model))
     if not names:
         raise ValueError("e2e: the initialiser left no QuantLinear to tune")
-    tuned = {n: mrem_mod.TunedLinear(model.get_submodule(n)) for n in names}
+    tuned = {n: mrem_mod.TunedLinear(model.get_submodule(n), params.rounding == "learned") for n in names}
     for n, t in tuned.items():
         set_module(model, n, t)
     norms = mrem_mod.norm_gains(model) if params.norm_lr > 0 else []
-    trainable = {id(t.log_a) for t in tuned.values()} | {id(p) for p in norms}
+    latents = [t.u for t in tuned.values() if t.u is not None]
+    trainable = {id(t.log_a) for t in tuned.values()} | {id(p) for p in norms} | {id(u) for u in latents}
     was = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -80,9 +87,13 @@ def distill_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, 
     groups = [{"params": [t.log_a for t in tuned.values()], "lr": params.lr}]
     if norms:
         groups.append({"params": norms, "lr": params.norm_lr})
-    opt = torch.optim.Adam(groups)
     steps = params.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    decay = [lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))] * len(groups)
+    if latents:
+        groups.append({"params": latents, "lr": params.code_lr})
+        decay.append(lambda s: 1.0 - s / max(steps, 1))  # the last steps must not flip codes at random
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     g = torch.Generator().manual_seed(params.seed)
     probe = windows[: params.batch_windows]
     before = _kl(model, teacher, probe)
@@ -96,6 +107,8 @@ def distill_scales(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, 
         loss.backward()
         opt.step()
         sched.step()
+        for t in tuned.values():
+            t.keep_near_grid()
     for n, t in tuned.items():
         set_module(model, n, t.commit())
     for p, r in was.items():
@@ -118,7 +131,7 @@ def quantize(model: nn.Module, windows: torch.Tensor | None, plan: Plan, params:
     errors = dict(getattr(model, "quant_errors", {}))
     if not all(isinstance(model.get_submodule(n), QuantLinear) for n in plan):
         raise ValueError(f"e2e: init '{params.init}' did not leave packed QuantLinear layers")
-    stats = distill_scales(model, teacher, windows[: params.n_windows], params)
+    stats = distill(model, teacher, windows[: params.n_windows], params)
     del teacher
     errors.update(stats)
     model.quant_errors = errors
