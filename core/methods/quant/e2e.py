@@ -98,7 +98,9 @@ def distill(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, params:
     probe = windows[: params.batch_windows]
     before = _kl(model, teacher, probe)
     model.train(False)
-    for _ in tqdm(range(steps), desc="e2e steps", disable=not progress, mininterval=5):
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="e2e steps", disable=not progress, mininterval=5)
+    for _ in bar:
         x = windows[torch.randperm(len(windows), generator=g)[: params.batch_windows]]
         with torch.no_grad():
             target = F.log_softmax(teacher(input_ids=x, use_cache=False).logits.float(), dim=-1)
@@ -109,11 +111,15 @@ def distill(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, params:
         sched.step()
         for t in tuned.values():
             t.keep_near_grid()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(kl=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}", refresh=False)
     for n, t in tuned.items():
         set_module(model, n, t.commit())
     for p, r in was.items():
         p.requires_grad_(r)
-    return {"kl_before": before, "kl_after": _kl(model, teacher, probe), "e2e_seconds": time.perf_counter() - t0}
+    head, tail = losses[:10], losses[-10:]
+    return {"kl_before": before, "kl_after": _kl(model, teacher, probe), "e2e_seconds": time.perf_counter() - t0,
+            "train_kl_first10": sum(head) / max(len(head), 1), "train_kl_last10": sum(tail) / max(len(tail), 1)}
 
 
 @torch.no_grad()
