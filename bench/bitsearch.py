@@ -26,6 +26,8 @@ subprocesses (honest peak RSS); ``seconds`` is the time to produce the allocatio
                                               # searched and stored with GPTQ
     python bench/bitsearch.py --budgets 3.0 --search-with gptq --quantize mrem-lr --reuse --no-uniform
                                               # the same allocations stored with MREM, learned rounding
+    python bench/bitsearch.py --budgets 3.0 --quantize gptq-e2e --reuse --no-uniform --priors importance
+                                              # RTN-scored allocations stored with GPTQ + E2E distillation
 """
 
 from __future__ import annotations
