@@ -16,7 +16,6 @@ exactly the initialiser's. Calibration text only: the teacher never sees the tes
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
 from typing import Literal
@@ -31,8 +30,8 @@ from pqflow.methods.quant import gptq as gptq_mod
 from pqflow.methods.quant import mrem as mrem_mod
 from pqflow.methods.quant import rtn as rtn_mod
 from pqflow.methods.quant.plan import Plan
+from pqflow.methods.quant.scale_tuning import ScaleTuner, cosine
 from pqflow.quant.linear import QuantLinear
-from pqflow.quant.model import quantized_modules, set_module
 
 NEEDS_CALIBRATION = True
 
@@ -66,57 +65,27 @@ def token_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.
 
 
 def distill(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, params: Params,
-                   progress: bool = True) -> dict[str, float]:
+           progress: bool = True) -> dict[str, float]:
     """Learn the scales of every ``QuantLinear`` of ``model`` (its norm gains, its codes) in place towards
     ``teacher``'s logits; returns the KL on the first windows before and after, and the seconds."""
     t0 = time.perf_counter()
-    names = list(quantized_modules(model))
-    if not names:
-        raise ValueError("e2e: the initialiser left no QuantLinear to tune")
-    tuned = {n: mrem_mod.TunedLinear(model.get_submodule(n), params.rounding == "learned") for n in names}
-    for n, t in tuned.items():
-        set_module(model, n, t)
-    norms = mrem_mod.norm_gains(model) if params.norm_lr > 0 else []
-    latents = [t.u for t in tuned.values() if t.u is not None]
-    trainable = {id(t.log_a) for t in tuned.values()} | {id(p) for p in norms} | {id(u) for u in latents}
-    was = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    groups = [{"params": [t.log_a for t in tuned.values()], "lr": params.lr}]
-    if norms:
-        groups.append({"params": norms, "lr": params.norm_lr})
-    steps = params.steps
-    decay = [lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))] * len(groups)
-    if latents:
-        groups.append({"params": latents, "lr": params.code_lr})
-        decay.append(lambda s: 1.0 - s / max(steps, 1))  # the last steps must not flip codes at random
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    tuner = ScaleTuner(model, params.steps, params.lr, params.norm_lr, params.rounding == "learned",
+                       params.code_lr, cosine(params.steps))
     g = torch.Generator().manual_seed(params.seed)
     probe = windows[: params.batch_windows]
     before = _kl(model, teacher, probe)
     model.train(False)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc="e2e steps", disable=not progress, mininterval=5)
+    bar = tqdm(range(params.steps), desc="e2e steps", disable=not progress, mininterval=5)
     for _ in bar:
         x = windows[torch.randperm(len(windows), generator=g)[: params.batch_windows]]
         with torch.no_grad():
             target = F.log_softmax(teacher(input_ids=x, use_cache=False).logits.float(), dim=-1)
-        loss = token_kl(model(input_ids=x, use_cache=False).logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        for t in tuned.values():
-            t.keep_near_grid()
-        losses.append(float(loss.detach()))
+        losses.append(tuner.step(token_kl(model(input_ids=x, use_cache=False).logits, target)))
         bar.set_postfix(kl=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}", refresh=False)
-    for n, t in tuned.items():
-        set_module(model, n, t.commit())
-    for p, r in was.items():
-        p.requires_grad_(r)
+    tuner.finish()
     head, tail = losses[:10], losses[-10:]
     return {"kl_before": before, "kl_after": _kl(model, teacher, probe), "e2e_seconds": time.perf_counter() - t0,
             "train_kl_first10": sum(head) / max(len(head), 1), "train_kl_last10": sum(tail) / max(len(tail), 1)}

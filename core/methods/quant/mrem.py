@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 from pqflow.methods.quant import gptq as gptq_mod
 from pqflow.methods.quant.blocks import BlockInputs, block_linears, capture_inputs, decoder_layers, run_block
 from pqflow.methods.quant.plan import Plan
+from pqflow.methods.quant.scale_tuning import ScaleTuner
 from pqflow.quant.linear import QuantLinear
-from pqflow.quant.model import set_module
+from pqflow.quant.model import quantized_modules, set_module
 
 NEEDS_CALIBRATION = True
 
@@ -76,61 +77,6 @@ class Params(BaseModel):
     seed: int = Field(0, description="seed of the minibatch order")
 
 
-class TunedLinear(nn.Module):
-    """Stand-in for a QuantLinear while its scales (and codes) are learned: the weight is
-    ``(q − z) · s₀ · exp(a)``, differentiable in ``a``; with ``learn_codes`` the centred code
-    ``q − z`` is the rounded latent ``u`` (straight-through), clamped to the grid."""
-
-    def __init__(self, q: QuantLinear, learn_codes: bool = False) -> None:
-        super().__init__()
-        self.q = q
-        z = q.zero_points()[:, q.gidx]
-        cz = q.codes().float() - z
-        self.register_buffer("s0", q.scales.detach().float())
-        self.log_a = nn.Parameter(torch.zeros_like(self.s0))
-        self.bias = None if q.bias is None else q.bias.detach().float()
-        if learn_codes:
-            self.u = nn.Parameter(cz)
-            self.register_buffer("lo", -z)
-            self.register_buffer("hi", (2**q.bits - 1) - z)
-        else:
-            self.u = None
-            self.register_buffer("cz", cz)
-
-    def scales(self) -> torch.Tensor:
-        return self.s0 * torch.exp(self.log_a)
-
-    def centred_codes(self) -> torch.Tensor:
-        if self.u is None:
-            return self.cz
-        r = torch.minimum(torch.maximum(torch.round(self.u), self.lo), self.hi)
-        return self.u + (r - self.u).detach()
-
-    @torch.no_grad()
-    def keep_near_grid(self) -> None:
-        """A latent far outside the grid would need many steps to come back: hold it within
-        half a level of the end codes."""
-        if self.u is not None:
-            self.u.copy_(torch.minimum(torch.maximum(self.u, self.lo - 0.5), self.hi + 0.5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.centred_codes() * self.scales()[:, self.q.gidx]
-        return nn.functional.linear(x, w, self.bias)
-
-    def commit(self) -> QuantLinear:
-        if self.u is None:
-            self.q.scales.data = self.scales().detach().to(self.q.scales.dtype)
-            return self.q
-        z = self.q.zero_points()
-        codes = (self.centred_codes().detach() + z[:, self.q.gidx]).round().to(torch.int64)
-        self.q.set_quantized(codes, self.scales().detach(), z)
-        return self.q
-
-
-def norm_gains(module: nn.Module) -> list[nn.Parameter]:
-    return [m.weight for n, m in module.named_modules() if "norm" in type(m).__name__.lower() and hasattr(m, "weight")]
-
-
 def module_steps(params: Params, bits: list[int]) -> int:
     if params.steps is not None:
         return params.steps
@@ -147,26 +93,8 @@ def tune_module(module: nn.Module, x_in: torch.Tensor, y_fp: torch.Tensor, kwarg
                 params: Params, x_fp: torch.Tensor | None = None, progress: bool = True) -> dict[str, float]:
     """Learn the scales (norm gains, codes) of an already-quantized ``module`` in place; returns
     the module's output MSE on all its calibration windows before and after."""
-    qnames = [n for n, m in module.named_modules() if isinstance(m, QuantLinear)]
-    tuned = {n: TunedLinear(module.get_submodule(n), params.rounding == "learned") for n in qnames}
-    for n, t in tuned.items():
-        set_module(module, n, t)
-    norms = norm_gains(module) if params.norm_lr > 0 else []
-    latents = [t.u for t in tuned.values() if t.u is not None]
-    trainable = {id(t.log_a) for t in tuned.values()} | {id(p) for p in norms} | {id(u) for u in latents}
-    was = {p: p.requires_grad for p in module.parameters()}
-    for p in module.parameters():
-        p.requires_grad_(id(p) in trainable)
-    groups = [{"params": [t.log_a for t in tuned.values()], "lr": params.lr}]
-    if norms:
-        groups.append({"params": norms, "lr": params.norm_lr})
-    steps = module_steps(params, [t.q.bits for t in tuned.values()])
-    decay = [lambda _: 1.0] * len(groups)
-    if latents:
-        groups.append({"params": latents, "lr": params.code_lr})
-        decay.append(lambda step: 1.0 - step / max(steps, 1))
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    steps = module_steps(params, [q.bits for q in quantized_modules(module).values()])
+    tuner = ScaleTuner(module, steps, params.lr, params.norm_lr, params.rounding == "learned", params.code_lr)
     g = torch.Generator().manual_seed(params.seed)
     before = _loss(module, x_in, y_fp, kwargs)
     for step in tqdm(range(steps), desc="mrem steps", leave=False, disable=not progress):
@@ -176,17 +104,8 @@ def tune_module(module: nn.Module, x_in: torch.Tensor, y_fp: torch.Tensor, kwarg
             lam = min(1.0, 2 * step / max(steps, 1))  # fp inputs first, quantized ones from halfway
             x = (1 - lam) * x_fp[idx] + lam * x
         out = module(x, **kwargs)
-        loss = ((out[0] if isinstance(out, tuple) else out) - y_fp[idx]).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        for t in tuned.values():
-            t.keep_near_grid()
-    for n, t in tuned.items():
-        set_module(module, n, t.commit())
-    for p, r in was.items():
-        p.requires_grad_(r)
+        tuner.step(((out[0] if isinstance(out, tuple) else out) - y_fp[idx]).pow(2).mean())
+    tuner.finish()
     after = _loss(module, x_in, y_fp, kwargs)
     return {"mse_before": before, "mse_after": after}
 
