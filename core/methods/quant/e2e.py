@@ -45,7 +45,7 @@ class Params(BaseModel):
     gptq: gptq_mod.Params = Field(default_factory=gptq_mod.Params, description="settings of the gptq initialiser")
     mrem: mrem_mod.Params = Field(default_factory=mrem_mod.Params, description="settings of the mrem initialiser")
     steps: int = Field(100, ge=0, description="Adam steps over the whole model (SmolLM2, 2 x 512 tokens a step: "
-                       "~6 s each on 2 CPU cores; RTN 3g128 ppl 146 -> 44 in 60 steps)")
+                       "~6 s each on 2 CPU cores; 3.0-bit GPTQ ppl 65.2 -> 42.4 in 100 steps)")
     lr: float = Field(0.02, gt=0, description="peak learning rate of the log-scale corrections (cosine to 0)")
     rounding: Literal["fixed", "learned"] = Field("fixed", description="keep the initialiser's codes, or learn them "
                                                   "end to end too (straight-through latents, as mrem's)")
