@@ -58,7 +58,9 @@ QUANTIZE = {"rtn": ("rtn", {}, 32), "gptq": ("gptq", {}, 32), "mrem": ("mrem", {
             "mrem-lr": ("mrem", {"rounding": "learned"}, 128),
             "gptq-e2e": ("e2e", {"init": "gptq"}, 128),
             "gptq-e2e-lr": ("e2e", {"init": "gptq", "rounding": "learned"}, 128),
-            "mrem-lr-e2e": ("e2e", {"init": "mrem", "mrem": {"rounding": "learned"}}, 128)}
+            "mrem-lr-e2e": ("e2e", {"init": "mrem", "mrem": {"rounding": "learned"}}, 128),
+            "mrem-lr256-e2e": ("e2e", {"init": "mrem", "lr": 0.005, "mrem": {"rounding": "learned", "n_windows": 256}},
+                               256)}
 
 
 def recipe(work: Path, quantize: str = "rtn", **bit_search) -> dict:
