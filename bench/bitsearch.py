@@ -28,6 +28,9 @@ subprocesses (honest peak RSS); ``seconds`` is the time to produce the allocatio
                                               # the same allocations stored with MREM, learned rounding
     python bench/bitsearch.py --budgets 3.0 --quantize gptq-e2e --reuse --no-uniform --priors importance
                                               # RTN-scored allocations stored with GPTQ + E2E distillation
+    python bench/bitsearch.py --budgets 3.0 --quantize mrem-lr256-e2e --no-uniform --priors none
+                                              # the 3.0-bit search stored with MREM learned rounding on 256
+                                              # windows + E2E at lr 0.005 (38.43; ~50 min on 2 cores)
 """
 
 from __future__ import annotations
