@@ -52,6 +52,8 @@ BUDGETS = (3.0, 3.5, 4.5)
 CHOICES = ["2g64", "2g32", "3pc", "3g128", "3g64", "4g128", "4g64", "8g128"]
 PRIORS = ("error", "mi", "importance", "sensitivity")
 TRIALS = 40
+SEARCH_METHODS = ("nevergrad", "nevergrad-prior")
+METHODS = ("uniform", "importance-prior", *SEARCH_METHODS)  # row order in the table
 
 
 SEARCH_WITH = ("rtn", "gptq")  # quantize methods with a per-module fake quantizer for trials
@@ -179,23 +181,25 @@ def w_priors(work: Path, budgets: list[float], search_with: str) -> dict:
     return out
 
 
-def w_search(work: Path, budget: float, search_with: str) -> dict:
+def w_search(work: Path, budget: float, search_with: str, method: str = "nevergrad") -> dict:
     from pqflow.recipe import parse_recipe
     from pqflow.runner import run_stage
     from pqflow.runtime import peak_rss_mb
 
     prep = json.loads((work / "prepare.json").read_text())
-    r = parse_recipe(recipe(work, search_with, avg_bits=budget, method="nevergrad",
+    r = parse_recipe(recipe(work, search_with, avg_bits=budget, method=method,
                             params={"trials": TRIALS, "prior": "auto"}))
+    name = f"search-{budget:g}" + ("" if method == "nevergrad" else f"-{method}")
     t0 = time.perf_counter()
     res = run_stage("bit-search", r, {"calib": prep["calib"], "importance": prep["importance"]},
-                    f"file://{work}/search-{budget:g}", force=True)
+                    f"file://{work}/{name}", force=True)
     secs = time.perf_counter() - t0
-    info = json.loads((work / f"search-{budget:g}" / "search.json").read_text())["info"]
+    info = json.loads((work / name / "search.json").read_text())["info"]
     config = f"{budget:g} bits: {info.get('optimizer')} seeded by {info.get('prior')}{tag(search_with)}"
-    return {"method": "nevergrad", "config": config, "budget_bits": budget, "search_with": info.get("fake_quant"),
+    return {"method": method, "config": config, "budget_bits": budget, "search_with": info.get("fake_quant"),
             "uri": res.uri, "seconds": round(secs, 1), "trials": res.summary["trials"],
             "heldout_kl": round(res.summary["objective"], 5), "prior_heldout_kl": info.get("prior_objectives"),
+            **({"knobs": info["best_knobs"]} if "best_knobs" in info else {}),
             "peak_rss_mb": round(peak_rss_mb())}
 
 
@@ -262,6 +266,8 @@ def main() -> None:
                     help="the quantize method every allocation is stored with (mrem-lr: MREM with learned rounding)")
     ap.add_argument("--search-with", default="rtn", choices=SEARCH_WITH,
                     help="fake quantizer that scores priors and trials (gptq: default --work gets a -gptq suffix)")
+    ap.add_argument("--search-method", default="nevergrad", choices=SEARCH_METHODS,
+                    help="nevergrad: mutate the allocation; nevergrad-prior: tune the prior's damage model")
     ap.add_argument("--no-uniform", action="store_true", help="skip the uniform rows (e.g. with a slow --quantize)")
     ap.add_argument("--priors", default=",".join(PRIORS), help="which prior rows to quantize and evaluate")
     ap.add_argument("--reuse", action="store_true",
@@ -278,7 +284,7 @@ def main() -> None:
         if kind == "priors":
             res = w_priors(work, [float(x) for x in rest[0].split(",")], (rest + ["rtn"])[1])
         elif kind == "search":
-            res = w_search(work, float(rest[0]), (rest + ["rtn"])[1])
+            res = w_search(work, float(rest[0]), *(rest[1:] or ["rtn"]))
         else:
             res = WORKERS[kind](work, *rest)
         Path(args.out).write_text(json.dumps(res))
@@ -298,8 +304,10 @@ def main() -> None:
         if (row["method"] == "uniform" and not args.no_uniform) or row.get("prior") in wanted:
             rows.append(row)
     if not args.skip_search:
+        # the default method keeps the cache names of earlier runs
+        extra = [] if args.search_method == "nevergrad" else [args.search_with, args.search_method]
         for b in budgets:
-            rows.append(call("search", work, f"{b:g}", *sw, reuse=args.reuse))
+            rows.append(call("search", work, f"{b:g}", *(extra or sw), reuse=args.reuse))
     results = Path(args.results)
     old = json.loads(results.read_text()) if results.is_file() else []
     for row in rows:
@@ -309,7 +317,7 @@ def main() -> None:
         old = [o for o in old if (o["config"], o["method"], o.get("quantize")) != (row["config"], row["method"],
                                                                                    row["quantize"])] + [row]
         old.sort(key=lambda r: (r["budget_bits"], r.get("quantize", ""),
-                                ["uniform", "importance-prior", "nevergrad"].index(r["method"]), r["config"]))
+                                METHODS.index(r["method"]), r["config"]))
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(old, indent=1) + "\n")
     print(table(old))

@@ -155,7 +155,43 @@ def test_nevergrad_improves_on_its_seed_and_is_reproducible(tiny):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("method", ["nevergrad", "importance-prior", "uniform"])
+def test_nevergrad_prior_tunes_the_prior_knobs_reproducibly(tiny):
+    from pqflow.methods.bitsearch import nevergrad_prior as ngp
+
+    params = ngp.Params(trials=8, prior="error", optimizer="TwoPointsDE")
+    runs = []
+    for _ in range(2):
+        ctx = _ctx(tiny[0], seed=3)
+        best = ngp.search(ctx, params)
+        first = ctx.trials.records[0]
+        assert first.source == "prior:error" and best.objective <= first.objective
+        assert {t.source for t in ctx.trials.records[1:]} == {"nevergrad-prior"}
+        # every candidate is a greedy fill of the budget: nothing over it, little of it left
+        assert all(0.9 * ctx.budget <= t.bytes <= ctx.budget for t in ctx.trials.records)
+        assert 1 < len(ctx.trials) <= 8 and set(ctx.info["best_knobs"]) >= {"alpha", "eta", "gamma"}
+        runs.append([t.alloc for t in ctx.trials.records])
+        ctx.evaluator.restore()
+    assert runs[0] == runs[1]
+
+
+def test_nevergrad_prior_knobs_at_the_prior_give_the_prior(tiny):
+    from pqflow.methods.bitsearch import nevergrad_prior as ngp
+
+    ctx = _ctx(tiny[0])
+    knobs = ngp.Knobs(ctx.space, ctx.err_unit, ctx.layer_weights("error"))
+    assert np.allclose(knobs.damage(knobs.prior_vector), ctx.damage("error"))
+    assert B.greedy(ctx.space, ctx.budget, knobs.damage(knobs.prior_vector)) == ctx.prior_allocation("error")
+    # a large weight on one kind of linear gives that kind more bytes
+    kind = knobs.kind_names.index("down_proj")
+    x = knobs.prior_vector.copy()
+    x[3 + kind] = 3.0
+    alloc = B.greedy(ctx.space, ctx.budget, knobs.damage(x))
+    down = [i for i, m in enumerate(ctx.space.units) if m.endswith("down_proj")]
+    cost = ctx.space.cost[np.arange(ctx.space.n_units)]
+    assert sum(cost[i, alloc[i]] for i in down) >= sum(cost[i, ctx.prior_allocation("error")[i]] for i in down)
+
+
+@pytest.mark.parametrize("method", ["nevergrad", "nevergrad-prior", "importance-prior", "uniform"])
 def test_stage_through_the_runner(tiny_recipe, tmp_path: Path, method):
     r = tiny_recipe
     r.stages.bit_search.enabled = True
@@ -164,7 +200,7 @@ def test_stage_through_the_runner(tiny_recipe, tmp_path: Path, method):
     r.stages.bit_search.choices = ["2g64", "3g64", "4g64", "8g64"]
     r.stages.bit_search.heldout_windows = 4
     r.stages.bit_search.heldout_seqlen = 64
-    r.stages.bit_search.params = {"trials": 6, "prior": "mi"} if method == "nevergrad" else {}
+    r.stages.bit_search.params = {"trials": 6, "prior": "mi"} if method.startswith("nevergrad") else {}
     cal = run_stage("calibrate", r, {}, f"file://{tmp_path}/cal")
     res = run_stage("bit-search", r, {"calib": cal.uri}, f"file://{tmp_path}/bits")
     out = tmp_path / "bits"

@@ -9,5 +9,6 @@ from pqflow.registry import MethodRegistry
 REGISTRY = MethodRegistry("bit-search", {
     "importance-prior": "pqflow.methods.bitsearch.importance_prior",
     "nevergrad": "pqflow.methods.bitsearch.nevergrad_search",
+    "nevergrad-prior": "pqflow.methods.bitsearch.nevergrad_prior",
     "uniform": "pqflow.methods.bitsearch.uniform",
 })
