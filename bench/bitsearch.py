@@ -31,6 +31,14 @@ subprocesses (honest peak RSS); ``seconds`` is the time to produce the allocatio
     python bench/bitsearch.py --budgets 3.0 --quantize mrem-lr256-e2e --no-uniform --priors none
                                               # the 3.0-bit search stored with MREM learned rounding on 256
                                               # windows + E2E at lr 0.005 (38.43; ~50 min on 2 cores)
+    python bench/bitsearch.py --budgets 3.0 --search-with gptq --search-method nevergrad-prior \
+        --quantize mrem-lr256-e2e --no-uniform --priors importance
+                                              # GPTQ-scored, BO over the prior's damage-model knobs
+                                              # (nevergrad-prior), stored the same way
+
+``--search-method nevergrad-prior`` searches ~10 knobs of the prior's damage model (layer-weight
+and error exponents, a depth tilt, a weight per linear kind) with Bayesian optimisation instead
+of mutating the allocation; its rows say ``BO seeded by ...`` and carry the best knobs.
 """
 
 from __future__ import annotations
