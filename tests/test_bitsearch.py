@@ -191,6 +191,23 @@ def test_nevergrad_prior_knobs_at_the_prior_give_the_prior(tiny):
     assert sum(cost[i, alloc[i]] for i in down) >= sum(cost[i, ctx.prior_allocation("error")[i]] for i in down)
 
 
+def test_nevergrad_prior_measures_candidates_in_worker_processes(tiny_recipe, tmp_path: Path):
+    r = tiny_recipe
+    r.stages.bit_search.enabled = True
+    r.stages.bit_search.method = "nevergrad-prior"
+    r.stages.bit_search.avg_bits = 4.0
+    r.stages.bit_search.choices = ["2g64", "3g64", "4g64", "8g64"]
+    r.stages.bit_search.heldout_windows = 2
+    r.stages.bit_search.heldout_seqlen = 32
+    r.stages.bit_search.params = {"trials": 8, "prior": "error", "workers": 2, "optimizer": "TwoPointsDE"}
+    cal = run_stage("calibrate", r, {}, f"file://{tmp_path}/cal")
+    res = run_stage("bit-search", r, {"calib": cal.uri}, f"file://{tmp_path}/bits")
+    trials = json.loads((tmp_path / "bits" / "trials.json").read_text())["trials"]
+    assert trials[0]["source"] == "prior:error" and {t["source"] for t in trials[1:]} == {"nevergrad-prior"}
+    assert 1 < len(trials) <= 8 and all(t["bytes"] <= res.summary["budget_bytes"] for t in trials)
+    assert res.summary["objective"] == min(t["objective"] for t in trials)
+
+
 @pytest.mark.parametrize("method", ["nevergrad", "nevergrad-prior", "importance-prior", "uniform"])
 def test_stage_through_the_runner(tiny_recipe, tmp_path: Path, method):
     r = tiny_recipe

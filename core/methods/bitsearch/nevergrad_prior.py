@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pqflow.methods.bitsearch import budget as budget_ops
 from pqflow.methods.bitsearch.context import SearchContext
 from pqflow.methods.bitsearch.importance_prior import SeedPrior
-from pqflow.methods.bitsearch.nevergrad_search import _seed
+from pqflow.methods.bitsearch.nevergrad_search import _pool, _seed
 from pqflow.methods.bitsearch.priors import damage_table, layer_index
 from pqflow.methods.bitsearch.space import SearchSpace
 from pqflow.methods.bitsearch.trials import Trial
@@ -49,6 +49,7 @@ class Params(BaseModel):
     alpha_range: tuple[float, float] = Field((0.0, 2.0), description="exponent on the prior's layer weights")
     eta_range: tuple[float, float] = Field((0.5, 1.5), description="exponent on the rounding errors (how much worse "
                                            "fewer bits get)")
+    workers: int = Field(1, ge=1, description="candidates measured in parallel (processes); 1 = in this process")
     max_asks_factor: int = Field(10, ge=1, description="stop after trials * this many asks even if allocations repeat")
 
 
@@ -93,7 +94,7 @@ def _optimizer(params: Params, knobs: Knobs, budget: int, seed: int):
         raise ValueError("nevergrad-prior: the knob ranges must contain the prior (alpha = eta = 1, 0 tilts)")
     param = ng.p.Array(init=knobs.prior_vector.copy(), lower=lo, upper=hi)
     param.random_state = np.random.RandomState(seed)
-    return ng.optimizers.registry[params.optimizer](parametrization=param, budget=budget, num_workers=1)
+    return ng.optimizers.registry[params.optimizer](parametrization=param, budget=budget, num_workers=params.workers)
 
 
 def search(ctx: SearchContext, params: Params) -> Trial:
@@ -111,15 +112,25 @@ def search(ctx: SearchContext, params: Params) -> Trial:
     opt = _optimizer(params, knobs, max_asks, ctx.seed)
     opt.suggest(knobs.prior_vector.copy())
     best_x, best_obj, asks = knobs.prior_vector.copy(), prior_trial.objective, 0
-    while measured() < params.trials and asks < max_asks:
-        cand = opt.ask()
-        asks += 1
-        x = np.asarray(cand.value, dtype=np.float64)
-        alloc = budget_ops.greedy(ctx.space, ctx.budget, knobs.damage(x))
-        t = ctx.evaluate(alloc, SOURCE)
-        opt.tell(cand, t.objective)
-        if t.objective < best_obj:
-            best_x, best_obj = x, t.objective
+    pool = _pool(ctx, params.workers)
+    try:
+        while measured() < params.trials and asks < max_asks:
+            cands = [opt.ask() for _ in range(min(params.workers, params.trials - measured()))]
+            asks += len(cands)
+            xs = [np.asarray(c.value, dtype=np.float64) for c in cands]
+            allocs = [budget_ops.greedy(ctx.space, ctx.budget, knobs.damage(x)) for x in xs]
+            fresh = list(dict.fromkeys(a for a in allocs if a not in ctx.trials))
+            if pool is not None and len(fresh) > 1:
+                for a, m in zip(fresh, pool.map(fresh), strict=True):
+                    ctx.trials.record(a, m, SOURCE)
+            for c, x, a in zip(cands, xs, allocs, strict=True):
+                t = ctx.evaluate(a, SOURCE)
+                opt.tell(c, t.objective)
+                if t.objective < best_obj:
+                    best_x, best_obj = x, t.objective
+    finally:
+        if pool is not None:
+            pool.close()
     best = ctx.trials.best(ctx.budget)
     ctx.info.update(asks=asks, cache_hits=ctx.trials.hits, improvement=prior_trial.objective - best.objective,
                     best_knobs=knobs.describe(best_x))
