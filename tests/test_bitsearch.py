@@ -189,6 +189,12 @@ def test_nevergrad_prior_knobs_at_the_prior_give_the_prior(tiny):
     down = [i for i, m in enumerate(ctx.space.units) if m.endswith("down_proj")]
     cost = ctx.space.cost[np.arange(ctx.space.n_units)]
     assert sum(cost[i, alloc[i]] for i in down) >= sum(cost[i, ctx.prior_allocation("error")[i]] for i in down)
+    # knob ranges that leave the prior out, or an unknown optimizer, are recipe errors
+    from pqflow.errors import RecipeError
+
+    for bad in ({"eta_range": (1.2, 1.5)}, {"optimizer": "NoSuchOptimizer"}):
+        with pytest.raises(RecipeError, match="nevergrad-prior"):
+            ngp.search(_ctx(tiny[0]), ngp.Params(trials=3, prior="error", **bad))
 
 
 def test_nevergrad_prior_measures_candidates_in_worker_processes(tiny_recipe, tmp_path: Path):

@@ -25,6 +25,7 @@ import sys
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from pqflow.errors import RecipeError
 from pqflow.methods.bitsearch import budget as budget_ops
 from pqflow.methods.bitsearch.context import SearchContext
 from pqflow.methods.bitsearch.importance_prior import SeedPrior
@@ -86,12 +87,12 @@ def _optimizer(params: Params, knobs: Knobs, budget: int, seed: int):
     import nevergrad as ng
 
     if params.optimizer not in ng.optimizers.registry:
-        raise ValueError(f"nevergrad optimizer '{params.optimizer}' not found; e.g. BO, CMA, TwoPointsDE, NGOpt")
+        raise RecipeError(f"nevergrad-prior: optimizer '{params.optimizer}' not found; e.g. BO, CMA, TwoPointsDE, NGOpt")
     n_kinds = len(knobs.kind_names)
     lo = np.array([params.alpha_range[0], params.eta_range[0], -params.depth_range] + [-params.kind_range] * n_kinds)
     hi = np.array([params.alpha_range[1], params.eta_range[1], params.depth_range] + [params.kind_range] * n_kinds)
     if np.any(lo > knobs.prior_vector) or np.any(hi < knobs.prior_vector) or np.any(lo >= hi):
-        raise ValueError("nevergrad-prior: the knob ranges must contain the prior (alpha = eta = 1, 0 tilts)")
+        raise RecipeError("nevergrad-prior: the knob ranges must contain the prior (alpha = eta = 1, 0 tilts)")
     param = ng.p.Array(init=knobs.prior_vector.copy(), lower=lo, upper=hi)
     param.random_state = np.random.RandomState(seed)
     return ng.optimizers.registry[params.optimizer](parametrization=param, budget=budget, num_workers=params.workers)
