@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from pqflow import __version__
@@ -290,18 +293,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks stop services and remove staging."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def describe(e: BaseException) -> str:
+    """One line for the user: the message of pqflow's own errors, a plain account of the others."""
+    if isinstance(e, PqflowError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return f"no space left on device while writing{where}; free some space and run again (finished steps are kept)"
+        return f"{e.strerror or type(e).__name__}{where}"
+    if isinstance(e, MemoryError):
+        return "out of memory; use a smaller model, fewer windows or a bigger machine"
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"unexpected {type(e).__name__}: {first} (run with --debug for the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get("PQFLOW_DEBUG"))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.fn(args)
-    except PqflowError as e:
-        if args.debug or os.environ.get("PQFLOW_DEBUG"):
-            raise
-        print(f"pqflow: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("pqflow: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("pqflow: terminated", file=sys.stderr)
+        return 143
+    except Exception as e:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
+        if debug:
+            raise
+        print(f"pqflow: error: {describe(e)}", file=sys.stderr)
+        return 2 if isinstance(e, PqflowError | OSError | MemoryError) else 1
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ from pqflow.artifacts import (
     Artifact,
     build_manifest,
     canonical_digest,
+    check_destination,
     discard,
     open_artifact,
     publish,
     read_manifest,
     staging_dir,
 )
-from pqflow.errors import PqflowError
+from pqflow.errors import ArtifactError, PqflowError
 from pqflow.recipe import Recipe
 from pqflow.stages import StageSpec, get_stage, stage_available
 
@@ -73,10 +74,15 @@ def run_stage(name: str, recipe: Recipe, input_uris: dict[str, str], out_uri: st
             + (f"missing {missing}" if missing else f"unknown {unknown}")
         )
     t0 = time.perf_counter()
+    check_destination(out_uri, input_uris)
     inputs = {k: open_artifact(uri) for k, uri in input_uris.items()}
     params = stage_params(spec, recipe, set(inputs))
     fp = fingerprint(spec, params, inputs)
-    existing = read_manifest(out_uri)
+    try:
+        existing = read_manifest(out_uri)
+    except ArtifactError as e:
+        print(f"[pqflow] {spec.name}: existing output unusable ({e}); running again", file=sys.stderr)
+        existing = None
     if existing is not None and existing.get("fingerprint") == fp and not force:
         try:
             open_artifact(out_uri)
