@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,24 +29,52 @@ METHOD_FAMILIES = {
 }
 
 
+# Limits. Every count and size a recipe can set is bounded, so absurd values fail in `validate`
+# instead of allocating memory first; real use (70B models, 4096-token windows, a few thousand
+# windows) stays well inside them. Method ``Params`` use the same constants.
+MAX_RECIPE_BYTES = 1 << 20  # a recipe file; real ones are a few KiB
+MAX_DEPTH = 32  # nesting levels of the recipe document; real ones use about 6
+MAX_VALUES = 100_000  # scalars + containers after YAML alias expansion; real recipes hold a few hundred
+MAX_WINDOWS = 65_536  # token windows of any kind (calibration, held-out, validation)
+MAX_SEQLEN = 131_072  # tokens per window (128k-context models)
+MAX_TOKENS = 1 << 25  # windows x seqlen held in memory at once: 256 MiB of int64 ids
+MAX_BATCH = 4_096  # windows per forward pass
+MAX_GROUP = 65_536  # input columns per quantization group
+MAX_STEPS = 10_000_000  # optimizer steps
+MAX_TRIALS = 100_000  # measured allocations of a bit search
+MAX_LAYERS = 1_024  # decoder layers
+MAX_RANK = 8_192  # adapter rank (at most the hidden size)
+MAX_WORKERS = 256  # parallel processes
+MAX_THREADS = 1_024  # torch threads
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_NAME = 128  # characters of names that become folders, MLflow names or labels
+MAX_PATH = 4_096  # characters of a path or URI
+
+
+def check_tokens(windows: int, seqlen: int, what: str) -> None:
+    """Bound ``windows x seqlen`` (tokens held at once); a model validator's ValueError."""
+    if windows * seqlen > MAX_TOKENS:
+        raise ValueError(f"{what} = {windows * seqlen} tokens, more than the {MAX_TOKENS} allowed")
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Resources(Strict):
     """Kubernetes resources of a stage's container (used by the KFP pipeline only)."""
 
-    cpu: str = Field("2", description="CPU request, Kubernetes quantity")
-    memory: str = Field("8G", description="memory request and limit, Kubernetes quantity")
-    gpu: int = Field(0, ge=0, description="GPUs (nvidia.com/gpu) per stage container")
-    gpu_type: str | None = Field(None, description="accelerator node label value, e.g. nvidia-tesla-a100")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="extra node selector labels")
+    cpu: str = Field("2", max_length=MAX_NAME, description="CPU request, Kubernetes quantity")
+    memory: str = Field("8G", max_length=MAX_NAME, description="memory request and limit, Kubernetes quantity")
+    gpu: int = Field(0, ge=0, le=64, description="GPUs (nvidia.com/gpu) per stage container")
+    gpu_type: str | None = Field(None, max_length=MAX_NAME, description="accelerator node label value, e.g. nvidia-tesla-a100")
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=64, description="extra node selector labels")
 
 
 class ModelRef(Strict):
-    source: str = Field(description="smollm2-135m | tiny-llama | hf:<id or local path>")
+    source: str = Field(max_length=MAX_PATH, description="smollm2-135m | tiny-llama | hf:<id or local path>")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model is loaded and computed in")
-    name: str | None = Field(None, description="registered model name; defaults to the recipe name")
+    name: str | None = Field(None, max_length=MAX_NAME, description="registered model name; defaults to the recipe name")
 
     @field_validator("source")
     @classmethod
@@ -56,8 +85,8 @@ class ModelRef(Strict):
 
 
 class DataRef(Strict):
-    source: str = Field("wikitext2", description="wikitext2 | text:<path> | jsonl:<path>")
-    field: str = Field("text", description="field holding the text, for jsonl sources")
+    source: str = Field("wikitext2", max_length=MAX_PATH, description="wikitext2 | text:<path> | jsonl:<path>")
+    field: str = Field("text", max_length=MAX_NAME, description="field holding the text, for jsonl sources")
 
     @field_validator("source")
     @classmethod
@@ -79,11 +108,17 @@ class MethodStage(StageBase):
 
 class CalibrateStage(StageBase):
     data: DataRef = Field(default_factory=DataRef)
-    n_windows: int = Field(128, ge=1, description="random calibration windows drawn from the train split")
-    seqlen: int = Field(512, ge=8, description="tokens per calibration window")
-    seed: int = Field(0, description="seed of the window draw")
+    n_windows: int = Field(128, ge=1, le=MAX_WINDOWS, description="random calibration windows drawn from the "
+                           f"train split; n_windows × seqlen at most {MAX_TOKENS:,} tokens")
+    seqlen: int = Field(512, ge=8, le=MAX_SEQLEN, description="tokens per calibration window")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the window draw")
     collect_xtx: bool = Field(False, description="accumulate X^T X per linear (GPTQ, reformation)")
-    batch_size: int = Field(4, ge=1, description="windows per forward pass")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="windows per forward pass")
+
+    @model_validator(mode="after")
+    def _token_budget(self) -> CalibrateStage:
+        check_tokens(self.n_windows, self.seqlen, "n_windows x seqlen")
+        return self
 
 
 class ImportanceStage(MethodStage):
@@ -101,17 +136,25 @@ class BitSearchStage(MethodStage):
     enabled: bool = Field(False, description="a disabled stage is skipped and produces nothing")
     method: str = Field("nevergrad", description="bit-search method")
     avg_bits: float | None = Field(None, gt=1.0, le=16.0, description="budget as average bits incl. overhead")
-    budget_bytes: int | None = Field(None, gt=0, description="budget as total bytes of the quantized linears")
+    budget_bytes: int | None = Field(None, gt=0, le=1 << 50, description="budget as total bytes of the quantized linears")
     granularity: Literal["layer", "linear"] = Field("linear", description="one precision per decoder layer or per linear")
     choices: list[str] = Field(
         default_factory=lambda: ["2g64", "3g64", "3g128", "4g64", "4g128", "8g128"],
+        max_length=64,
         description="precisions to choose from: '<bits>g<group>', '<bits>pc' (per row) or '16' (keep in fp16)")
     symmetric: bool = Field(False, description="symmetric grids (no zero points), as the quantize stage will use")
     objective: Literal["kl", "nll"] = Field("kl", description="measured on held-out tokens: KL to the full model's logits, or NLL")
-    heldout_windows: int = Field(8, ge=1, description="held-out windows the objective is measured on")
-    heldout_seqlen: int = Field(256, ge=8, description="tokens per held-out window")
-    seed: int = Field(0, description="seed of the search (and of the mutual-information clustering)")
-    cache_mb: int = Field(2000, ge=0, description="memory for cached quantized codes of every (module, choice) tried (MiB)")
+    heldout_windows: int = Field(8, ge=1, le=MAX_WINDOWS, description="held-out windows the objective is measured "
+                                 f"on; heldout_windows × heldout_seqlen at most {MAX_TOKENS:,} tokens")
+    heldout_seqlen: int = Field(256, ge=8, le=MAX_SEQLEN, description="tokens per held-out window")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the search (and of the mutual-information clustering)")
+    cache_mb: int = Field(2000, ge=0, le=1 << 20,
+                          description="memory for cached quantized codes of every (module, choice) tried (MiB)")
+
+    @model_validator(mode="after")
+    def _token_budget(self) -> BitSearchStage:
+        check_tokens(self.heldout_windows, self.heldout_seqlen, "heldout_windows x heldout_seqlen")
+        return self
 
     @field_validator("choices")
     @classmethod
@@ -122,9 +165,11 @@ class BitSearchStage(MethodStage):
             raise ValueError("at least one bit choice is needed")
         for c in v:
             try:
-                parse_choice(c)
+                choice = parse_choice(c)
             except Exception as e:  # noqa: BLE001 - reported as this field's validation error
-                raise ValueError(str(e)) from None
+                raise ValueError(_short(str(e), 200)) from None
+            if choice.group_size is not None and choice.group_size > MAX_GROUP:
+                raise ValueError(f"bit choice '{_short(c)}': group size above {MAX_GROUP}")
         return v
 
 
@@ -132,7 +177,7 @@ class QuantizeStage(MethodStage):
     enabled: bool = Field(False, description="a disabled stage is skipped and produces nothing")
     method: str = Field("rtn", description="quantization method")
     bits: Literal[2, 3, 4, 8] = Field(4, description="default bits of every quantized linear")
-    group_size: int | None = Field(64, description="input columns per scale; null = per output channel")
+    group_size: int | None = Field(64, ge=1, le=MAX_GROUP, description="input columns per scale; null = per output channel")
     symmetric: bool = Field(False, description="symmetric codes (no zero point)")
     embedding_bits: Literal[2, 3, 4, 8] | None = Field(
         None, description="bits of the input embedding (round-to-nearest); null = kept in fp16")
@@ -145,14 +190,14 @@ class FinetuneStage(MethodStage):
     method: str = Field("lora", description="recovery fine-tuning method")
     data: DataRef = Field(default_factory=DataRef, description="train split for training, heldout split for validation")
     verify_reload: bool = Field(True, description="reload the written artifact and compare its logits with the tuned model's")
-    reload_tolerance: float = Field(1e-3, ge=0, description="largest allowed absolute logit difference on reload")
+    reload_tolerance: float = Field(1e-3, ge=0, le=1e6, description="largest allowed absolute logit difference on reload")
 
 
 class EvaluateStage(StageBase):
     data: DataRef = Field(default_factory=DataRef)
-    seqlen: int = Field(512, ge=8, description="tokens per evaluation window")
-    max_windows: int | None = Field(40, ge=1, description="cap on evaluated windows; null = all")
-    batch_size: int = Field(4, ge=1, description="windows per forward pass")
+    seqlen: int = Field(512, ge=8, le=MAX_SEQLEN, description="tokens per evaluation window")
+    max_windows: int | None = Field(40, ge=1, le=1_000_000, description="cap on evaluated windows; null = all")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="windows per forward pass")
 
 
 class Stages(Strict):
@@ -166,37 +211,27 @@ class Stages(Strict):
 
 
 class Storage(Strict):
-    root: str = Field("file://./pqflow-artifacts", description="file:// path or s3://bucket/prefix")
+    root: str = Field("file://./pqflow-artifacts", max_length=MAX_PATH, description="file:// path or s3://bucket/prefix")
 
 
 class QualityGate(Strict):
-    max_ppl_increase: float | None = Field(None, ge=0, description="allowed ppl rise over the baseline, fraction")
-    max_bytes: int | None = Field(None, gt=0, description="largest allowed model weight bytes on disk")
+    max_ppl_increase: float | None = Field(None, ge=0, le=1e6, description="allowed ppl rise over the baseline, fraction")
+    max_bytes: int | None = Field(None, gt=0, le=1 << 50, description="largest allowed model weight bytes on disk")
 
 
 class Tracking(Strict):
-    mlflow_uri: str | None = Field(None, description="tracking server; null = embedded server")
-    experiment: str = Field("pqflow", description="MLflow experiment name")
+    mlflow_uri: str | None = Field(None, max_length=MAX_PATH, description="tracking server; null = embedded server")
+    experiment: str = Field("pqflow", max_length=MAX_NAME, description="MLflow experiment name")
     gate: QualityGate = Field(default_factory=QualityGate)
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; artifacts go under storage.root/<name>/")
-    description: str = Field("", description="free text, logged with the run")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_NAME, description="run name; artifacts go under storage.root/<name>/")
+    description: str = Field("", max_length=10_000, description="free text, logged with the run")
     model: ModelRef
     stages: Stages = Field(default_factory=Stages)
     storage: Storage = Field(default_factory=Storage)
     tracking: Tracking = Field(default_factory=Tracking)
-
-    @model_validator(mode="after")
-    def _disjoint_data(self) -> Recipe:
-        cal, ev = self.stages.calibrate.data.source, self.stages.evaluate.data.source
-        if cal == ev and cal != "wikitext2" and self.stages.calibrate.enabled:
-            raise ValueError(
-                f"calibration and evaluation both read '{cal}': a local file has no test split of its "
-                "own, so use different files to keep evaluation data unseen"
-            )
-        return self
 
     def stage(self, name: str) -> StageBase:
         return getattr(self.stages, name)
@@ -223,8 +258,15 @@ def method_registry(stage: str):
     return reg
 
 
+MAX_PROBLEMS = 20  # problems listed in one error; the rest are counted
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "<root>"
+    return ".".join(_short(str(p)) for p in loc) or "<root>"
 
 
 def _describe(err: dict[str, Any], known: dict[str, list[str]]) -> str:
@@ -232,9 +274,9 @@ def _describe(err: dict[str, Any], known: dict[str, list[str]]) -> str:
     if err["type"] == "extra_forbidden":
         parent = _loc(err["loc"][:-1])
         key = str(err["loc"][-1])
-        close = difflib.get_close_matches(key, known.get(parent, []), n=1)
+        close = difflib.get_close_matches(key, known.get(parent, []), n=1) if len(key) <= 100 else []
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{path}: unknown key '{key}'{hint}"
+        return f"{path}: unknown key '{_short(key)}'{hint}"
     return f"{path}: {err['msg']}"
 
 
@@ -249,52 +291,217 @@ def _known_keys(model: type[BaseModel], prefix: str, out: dict[str, list[str]]) 
 def _format(e: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
     known: dict[str, list[str]] = {}
     _known_keys(model, "", known)
+    if prefix:
+        known = {f"{prefix}.{k}" if k != "<root>" else prefix: v for k, v in known.items()}
     lines = []
     for err in e.errors():
         err = dict(err)
         if prefix:
             err["loc"] = tuple(prefix.split(".")) + tuple(err["loc"])
-            known = {f"{prefix}.{k}" if k != "<root>" else prefix: v for k, v in known.items()}
         lines.append(_describe(err, known))
     return lines
 
 
+def _invalid(origin: str, problems: list[str]) -> RecipeError:
+    """One problem is one line (what the CLI prints); several are listed one per line. The list
+    itself is kept as the error's ``problems``, for callers that sort them."""
+    if len(problems) == 1:
+        err = RecipeError(f"{origin}: invalid recipe: {problems[0]}")
+    else:
+        shown = problems[:MAX_PROBLEMS]
+        more = [f"... and {len(problems) - len(shown)} more"] if len(problems) > len(shown) else []
+        err = RecipeError(f"{origin}: invalid recipe\n  " + "\n  ".join(shown + more))
+    err.problems = list(problems)
+    return err
+
+
+def _check_shape(data: Any, origin: str) -> None:
+    """Bound the size and depth of an already parsed recipe and refuse NaN/infinity anywhere.
+
+    Iterative and counting visits, so a mapping full of shared references (a YAML alias bomb
+    loaded by another route, or a cycle) is refused after MAX_VALUES steps, never expanded.
+    """
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    seen = 0
+    while stack:
+        value, path, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise RecipeError(f"{origin}: the recipe has more than {MAX_VALUES} values (repeated YAML aliases "
+                              "or a cyclic structure?)")
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{origin}: {path or '<root>'}: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _invalid(origin, [f"{path or '<root>'}: must be a finite number, got {value}"])
+        if isinstance(value, dict):
+            stack.extend((v, f"{path}.{_short(str(k))}" if path else _short(str(k)), depth + 1)
+                         for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, f"{path}.{i}", depth + 1) for i, v in enumerate(value))
+
+
+def _method_problems(recipe: Recipe, stage: str) -> list[str]:
+    """Problems of ``stage``'s method and params. A disabled stage is checked too (its params may
+    still be serialised and logged), except that its default method with no params needs no import."""
+    cfg = recipe.stage(stage)
+    assert isinstance(cfg, MethodStage)
+    default = type(cfg).model_fields["method"].default
+    if not cfg.enabled and not cfg.params and cfg.method == default:
+        return []
+    params_model = None
+    try:
+        reg = method_registry(stage)
+        mod = reg.module(cfg.method)
+        params_model = getattr(mod, "Params", None)
+        if params_model is not None:
+            params_model.model_validate(cfg.params)
+        elif cfg.params:
+            return [f"stages.{stage}.params: method '{cfg.method}' takes no params"]
+    except RecipeError as e:
+        return [f"stages.{stage}.method: {e}"]
+    except ValidationError as e:
+        return _format(e, params_model, f"stages.{stage}.params")
+    return []
+
+
+def _leak_problems(recipe: Recipe) -> list[str]:
+    """Training data (calibration, fine-tuning) that is the evaluation data: same resolved path,
+    same inode, or identical bytes. Files that do not exist yet are checked again when loaded."""
+    from pqflow.data import same_data
+
+    ev = recipe.stages.evaluate.data
+    readers = {
+        "calibrate": any(recipe.stage(s).enabled for s in ("calibrate", "bit_search", "quantize")),
+        "finetune": recipe.stages.finetune.enabled,
+    }
+    problems = []
+    for stage, used in readers.items():
+        data = recipe.stage(stage).data
+        why = same_data(data.source, ev.source) if used else None
+        if why:
+            problems.append(f"stages.{stage}.data.source '{_short(data.source, 200)}' is the evaluation data "
+                            f"stages.evaluate.data.source '{_short(ev.source, 200)}' ({why}); use different files "
+                            "to keep evaluation data unseen")
+    return problems
+
+
 def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
-    """Validate a recipe mapping, including every enabled stage's method params."""
+    """Validate a recipe mapping, including every stage's method params and the data sources'
+    separation from the evaluation data."""
+    _check_shape(data, origin)
     if not isinstance(data, dict):
         raise RecipeError(f"{origin}: a recipe is a YAML mapping, got {type(data).__name__}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(f"{origin}: invalid recipe\n  " + "\n  ".join(_format(e, Recipe))) from None
+        raise _invalid(origin, _format(e, Recipe)) from None
     problems: list[str] = []
     for stage in METHOD_FAMILIES:
-        cfg = recipe.stage(stage)
-        if not cfg.enabled:
-            continue
-        try:
-            reg = method_registry(stage)
-            mod = reg.module(cfg.method)
-            params_model = getattr(mod, "Params", None)
-            if params_model is not None:
-                params_model.model_validate(cfg.params)
-            elif cfg.params:
-                problems.append(f"stages.{stage}.params: method '{cfg.method}' takes no params")
-        except RecipeError as e:
-            problems.append(f"stages.{stage}.method: {e}")
-        except ValidationError as e:
-            problems.extend(_format(e, params_model, f"stages.{stage}.params"))
+        problems += _method_problems(recipe, stage)
+    problems += _leak_problems(recipe)
     if problems:
-        raise RecipeError(f"{origin}: invalid recipe\n  " + "\n  ".join(problems))
+        raise _invalid(origin, problems)
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    p = Path(path)
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that stops composing past MAX_DEPTH levels: PyYAML's composer recurses once per
+    level, so a deeply nested document would otherwise end in a RecursionError."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.MarkedYAMLError(problem=f"nested more than {MAX_DEPTH} levels deep",
+                                           problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Values the document holds once every alias is expanded to a copy (what serialising it
+    produces), computed per node once, so an alias bomb costs its size in the file, not 10^9."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise RecipeError("a YAML alias refers to a node that contains it (a cycle)")
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"YAML aliases nest the recipe more than {MAX_DEPTH} levels deep")
+        active.add(key)
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        total = 1
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_VALUES:
+                raise RecipeError(f"YAML aliases expand the recipe to more than {MAX_VALUES} values")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root, 0)
+
+
+def _yaml_message(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return "; ".join(_short(x, 200) for x in (e.context, e.problem) if x) + where
+    return _short(" ".join(str(e).split()), 300)
+
+
+def _read_recipe_text(p: Path) -> str:
+    if p.is_dir():
+        raise RecipeError(f"recipe path is a directory, not a file: {p}")
     if not p.is_file():
         raise RecipeError(f"recipe file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        with p.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {p}: {e.strerror or e}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{p}: recipe file larger than {MAX_RECIPE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
+def load_yaml(text: str, origin: str) -> Any:
+    """Parse recipe YAML safely: bounded nesting, bounded alias expansion, no Python objects."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: not valid YAML: {e}") from None
-    return parse_recipe(data, str(p))
+        raise RecipeError(f"{origin}: not valid YAML: {_yaml_message(e)}") from None
+    except RecipeError as e:
+        raise RecipeError(f"{origin}: {e}") from None
+    except ValueError as e:  # e.g. an integer literal past Python's digit limit
+        raise RecipeError(f"{origin}: not valid YAML: {_short(str(e), 200)}") from None
+    finally:
+        loader.dispose()
+
+
+def read_recipe_data(path: str | Path) -> Any:
+    """The recipe file's YAML document, read and parsed within the limits (not yet validated)."""
+    p = Path(path)
+    return load_yaml(_read_recipe_text(p), str(p))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return parse_recipe(read_recipe_data(path), str(path))

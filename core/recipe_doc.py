@@ -6,10 +6,11 @@ import types
 import typing
 from typing import Any
 
+import annotated_types as at
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from pqflow.recipe import METHOD_FAMILIES, Recipe, method_registry
+from pqflow.recipe import MAX_DEPTH, MAX_RECIPE_BYTES, MAX_VALUES, METHOD_FAMILIES, Recipe, method_registry
 
 
 def _type_name(ann: Any) -> str:
@@ -32,6 +33,32 @@ def _default(field: Any) -> str:
     return f"`{field.default!r}`" if field.default is not None else "`null`"
 
 
+def _num(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1000:
+        v = int(v)
+    return f"{v:,}" if isinstance(v, int) else repr(v)
+
+
+def _bounds(field: Any) -> str:
+    """The field's limits as text, e.g. "1 ≤ x ≤ 65536", from its ``ge``/``le``/``max_length``."""
+    lower = upper = ""
+    parts = []
+    for m in field.metadata:
+        if isinstance(m, at.Ge):
+            lower = f"{_num(m.ge)} ≤ "
+        elif isinstance(m, at.Gt):
+            lower = f"{_num(m.gt)} < "
+        elif isinstance(m, at.Le):
+            upper = f" ≤ {_num(m.le)}"
+        elif isinstance(m, at.Lt):
+            upper = f" < {_num(m.lt)}"
+        elif isinstance(m, at.MaxLen):
+            parts.append(f"at most {_num(m.max_length)} {'characters' if field.annotation in (str, str | None) else 'items'}")
+    if lower or upper:
+        parts.insert(0, f"{lower}x{upper}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def _rows(model: type[BaseModel], prefix: str, out: list[str], nested: list[tuple[str, type[BaseModel]]]) -> None:
     for name, f in model.model_fields.items():
         path = f"{prefix}.{name}" if prefix else name
@@ -42,7 +69,8 @@ def _rows(model: type[BaseModel], prefix: str, out: list[str], nested: list[tupl
             if changed:  # the parent's default differs from the nested model's own defaults
                 out.append(f"| `{path}` | {ann.__name__} | `{changed!r}`, the rest as below | {f.description or ''} |")
             continue
-        out.append(f"| `{path}` | {_type_name(ann)} | {_default(f)} | {(f.description or '').replace('|', chr(92) + '|')} |")
+        meaning = (f.description or "").replace("|", chr(92) + "|") + _bounds(f)
+        out.append(f"| `{path}` | {_type_name(ann)} | {_default(f)} | {meaning.strip()} |")
 
 
 def render_reference() -> str:
@@ -52,6 +80,13 @@ def render_reference() -> str:
         "Generated from `core/recipe.py` by `pqflow recipe-doc`; a test keeps this file in sync.",
         "Unknown keys are errors. Every stage has `enabled` and `resources` (cpu, memory, gpu,",
         "gpu_type, node_selector: used by the KFP pipeline).",
+        "",
+        f"Limits: a recipe file is at most {MAX_RECIPE_BYTES:,} bytes of UTF-8, nested at most {MAX_DEPTH} levels,",
+        f"and holds at most {MAX_VALUES:,} values once YAML aliases are expanded; numbers are finite (no",
+        "`.nan`/`.inf`). Counts and sizes are bounded as listed, and so is every stage's, enabled or not.",
+        "Calibration and fine-tuning data must not be the evaluation data: the same path (after `..` and",
+        "symlinks), a hard link or a byte-identical copy is refused, `text:` and `jsonl:` of one file alike;",
+        "the check runs in `validate` for files that exist and again before every stage runs.",
         "",
     ]
     queue: list[tuple[str, type[BaseModel]]] = [("", Recipe)]

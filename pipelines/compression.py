@@ -118,17 +118,15 @@ def load_for_compile(path: str | Path) -> Recipe:
     does not have yet is only a warning, since its stage runs in its own image on the cluster."""
     import sys
 
-    import yaml
-
     from pqflow.errors import RecipeError
-    from pqflow.recipe import load_recipe
+    from pqflow.recipe import load_recipe, read_recipe_data
 
     try:
         return load_recipe(path)
     except RecipeError as e:
-        lines = str(e).splitlines()[1:]
+        lines = getattr(e, "problems", None) or str(e).splitlines()[1:]
         if not lines or not all("methods yet" in ln for ln in lines):
             raise
         for ln in lines:
             print(f"[pqflow] warning: {ln.strip()} (not checked at compile time)", file=sys.stderr)
-        return Recipe.model_validate(yaml.safe_load(Path(path).read_text()))
+        return Recipe.model_validate(read_recipe_data(path))

@@ -9,15 +9,18 @@ from safetensors.torch import save_file
 
 from pqflow.artifacts import Artifact
 from pqflow.calibration import STATS_FILE, WINDOWS_FILE, collect_stats
-from pqflow.data import load_text, sample_windows, tokenize
+from pqflow.data import check_unseen, load_text, sample_windows, tokenize
 from pqflow.recipe import Recipe
 from pqflow.stages.common import input_model, write_json
 
 
 def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     cfg = recipe.stages.calibrate
+    # Again here, not only in the recipe check: the file may have been created or replaced since.
+    check_unseen(cfg.data.source, recipe.stages.evaluate.data.source, "calibration")
+    text = load_text(cfg.data.source, "train", cfg.data.field)  # before the model: bad data fails fast
     loaded = input_model(recipe, inputs)
-    ids = tokenize(loaded.tokenizer, load_text(cfg.data.source, "train", cfg.data.field))
+    ids = tokenize(loaded.tokenizer, text)
     windows = sample_windows(ids, cfg.n_windows, cfg.seqlen, cfg.seed)
     stats, aliases = collect_stats(loaded.model, windows, cfg.batch_size, xtx=cfg.collect_xtx)
     save_file({"input_ids": windows.contiguous()}, out / WINDOWS_FILE)

@@ -18,7 +18,7 @@ class Params(BaseModel):
     prior: Prior = Field("sensitivity", description="layer importance: mi (mutual information with next-token "
                          "targets), importance (the importance stage's scores), sensitivity (measured loss "
                          "increase of each layer alone at the probe choice), error (none: rounding error only)")
-    probe: str | None = Field(None, description="choice used by sensitivity probes, e.g. '2g64'; null = the cheapest")
+    probe: str | None = Field(None, max_length=32, description="choice used by sensitivity probes, e.g. '2g64'; null = the cheapest")
 
 
 def search(ctx: SearchContext, params: Params) -> Trial:

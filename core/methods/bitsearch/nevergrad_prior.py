@@ -33,25 +33,26 @@ from pqflow.methods.bitsearch.nevergrad_search import _pool, _seed
 from pqflow.methods.bitsearch.priors import damage_table, layer_index
 from pqflow.methods.bitsearch.space import SearchSpace
 from pqflow.methods.bitsearch.trials import Trial
+from pqflow.recipe import MAX_NAME, MAX_TRIALS, MAX_WORKERS
 
 SOURCE = "nevergrad-prior"
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    optimizer: str = Field("BO", description="nevergrad optimizer over the knobs (any in ng.optimizers.registry; "
+    optimizer: str = Field("BO", max_length=MAX_NAME, description="nevergrad optimizer over the knobs (any in ng.optimizers.registry; "
                            "BO = Gaussian-process Bayesian optimisation)")
-    trials: int = Field(40, ge=1, description="measured allocations, the priors included (repeats do not count)")
+    trials: int = Field(40, ge=1, le=MAX_TRIALS, description="measured allocations, the priors included (repeats do not count)")
     prior: SeedPrior = Field("auto", description="prior whose damage model is tuned (see importance-prior); "
                              "auto = measure every available prior and tune the best")
-    probe: str | None = Field(None, description="choice used by sensitivity probes; null = the cheapest")
-    kind_range: float = Field(2.0, gt=0, description="|beta| bound: a linear kind's damage scaled by up to e^this")
-    depth_range: float = Field(2.0, ge=0, description="|gamma| bound: damage tilted from first to last layer by up to e^this")
+    probe: str | None = Field(None, max_length=32, description="choice used by sensitivity probes; null = the cheapest")
+    kind_range: float = Field(2.0, gt=0, le=20, description="|beta| bound: a linear kind's damage scaled by up to e^this")
+    depth_range: float = Field(2.0, ge=0, le=20, description="|gamma| bound: damage tilted from first to last layer by up to e^this")
     alpha_range: tuple[float, float] = Field((0.0, 2.0), description="exponent on the prior's layer weights")
     eta_range: tuple[float, float] = Field((0.5, 1.5), description="exponent on the rounding errors (how much worse "
                                            "fewer bits get)")
-    workers: int = Field(1, ge=1, description="candidates measured in parallel (processes); 1 = in this process")
-    max_asks_factor: int = Field(10, ge=1, description="stop after trials * this many asks even if allocations repeat")
+    workers: int = Field(1, ge=1, le=MAX_WORKERS, description="candidates measured in parallel (processes); 1 = in this process")
+    max_asks_factor: int = Field(10, ge=1, le=1000, description="stop after trials * this many asks even if allocations repeat")
 
 
 def kinds(space: SearchSpace) -> tuple[list[str], np.ndarray]:

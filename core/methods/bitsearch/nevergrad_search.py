@@ -22,6 +22,7 @@ from pqflow.methods.bitsearch import budget as budget_ops
 from pqflow.methods.bitsearch.context import SearchContext
 from pqflow.methods.bitsearch.importance_prior import SeedPrior
 from pqflow.methods.bitsearch.trials import Trial
+from pqflow.recipe import MAX_NAME, MAX_TRIALS, MAX_WORKERS
 
 # Model-based / Bayesian where the dimension allows it (BO: Gaussian process via bayes_opt);
 # the discrete (1+1) family is the default: with ~40 evaluations in 30-200 dimensions it makes
@@ -32,14 +33,14 @@ OPTIMIZERS = ("DiscreteLenglerOnePlusOne", "PortfolioDiscreteOnePlusOne", "Discr
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    optimizer: str = Field("DiscreteLenglerOnePlusOne", description=f"nevergrad optimizer, one of {', '.join(OPTIMIZERS)} (or any in ng.optimizers.registry)")
-    trials: int = Field(40, ge=1, description="measured allocations, the prior included (cache hits do not count)")
+    optimizer: str = Field("DiscreteLenglerOnePlusOne", max_length=MAX_NAME, description=f"nevergrad optimizer, one of {', '.join(OPTIMIZERS)} (or any in ng.optimizers.registry)")
+    trials: int = Field(40, ge=1, le=MAX_TRIALS, description="measured allocations, the prior included (cache hits do not count)")
     prior: SeedPrior = Field("auto", description="seed allocation and repair damage model (see importance-prior); "
                              "auto = measure every available prior's allocation and start from the best")
-    probe: str | None = Field(None, description="choice used by sensitivity probes; null = the cheapest")
-    workers: int = Field(1, ge=1, description="candidates measured in parallel (processes); 1 = in this process")
-    max_asks_factor: int = Field(20, ge=1, description="stop after trials * this many asks even if candidates keep repeating")
-    front_fractions: list[float] = Field(default_factory=list, description="also measure the prior at these fractions of the budget (points for the Pareto front)")
+    probe: str | None = Field(None, max_length=32, description="choice used by sensitivity probes; null = the cheapest")
+    workers: int = Field(1, ge=1, le=MAX_WORKERS, description="candidates measured in parallel (processes); 1 = in this process")
+    max_asks_factor: int = Field(20, ge=1, le=1000, description="stop after trials * this many asks even if candidates keep repeating")
+    front_fractions: list[float] = Field(default_factory=list, max_length=64, description="also measure the prior at these fractions of the budget (points for the Pareto front)")
 
 
 def _optimizer(name: str, space_size: tuple[int, int], init: np.ndarray, budget: int, workers: int, seed: int):

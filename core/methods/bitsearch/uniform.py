@@ -11,7 +11,7 @@ from pqflow.methods.bitsearch.trials import Trial
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    choice: str | None = Field(None, description="the precision, e.g. '4g64'; null = the largest bit choice that fits the budget")
+    choice: str | None = Field(None, max_length=32, description="the precision, e.g. '4g64'; null = the largest bit choice that fits the budget")
 
 
 def search(ctx: SearchContext, params: Params) -> Trial:

@@ -29,13 +29,14 @@ from pqflow.methods.importance.common import (
     layer_geometry,
     pick_windows,
 )
+from pqflow.recipe import MAX_BATCH, MAX_WINDOWS
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n_windows: int | None = Field(32, ge=1, description="calibration windows; null = all")
-    batch_size: int = Field(4, ge=1)
-    damping: float = Field(1e-3, gt=0, description="ridge added to the Gram matrix, fraction of its mean diagonal")
+    n_windows: int | None = Field(32, ge=1, le=MAX_WINDOWS, description="calibration windows; null = all")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
+    damping: float = Field(1e-3, gt=0, le=1e6, description="ridge added to the Gram matrix, fraction of its mean diagonal")
 
 
 def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:

@@ -12,12 +12,13 @@ from torch import nn
 
 from pqflow.calibration import Calibration
 from pqflow.methods.importance.common import Scores, block_influence, pick_windows
+from pqflow.recipe import MAX_BATCH, MAX_WINDOWS
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n_windows: int | None = Field(32, ge=1, description="calibration windows; null = all")
-    batch_size: int = Field(4, ge=1)
+    n_windows: int | None = Field(32, ge=1, le=MAX_WINDOWS, description="calibration windows; null = all")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
 
 
 def score(model: nn.Module, calib: Calibration, params: Params, progress: bool = True) -> Scores:

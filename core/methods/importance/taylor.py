@@ -25,14 +25,15 @@ from pqflow.methods.importance.common import (
     layer_geometry,
     pick_windows,
 )
+from pqflow.recipe import MAX_BATCH, MAX_WINDOWS
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     variant: Literal["element", "vector"] = Field("element", description="|w·g| per weight, or |Σ w·g| per slice")
     aggregation: Literal["sum", "mean", "max"] = Field("sum", description="combines the coupled slices of a group")
-    n_windows: int | None = Field(16, ge=1, description="calibration windows for the gradient (LLM-Pruner uses ~10)")
-    batch_size: int = Field(2, ge=1)
+    n_windows: int | None = Field(16, ge=1, le=MAX_WINDOWS, description="calibration windows for the gradient (LLM-Pruner uses ~10)")
+    batch_size: int = Field(2, ge=1, le=MAX_BATCH)
 
 
 def _agg(stack: torch.Tensor, how: str) -> torch.Tensor:

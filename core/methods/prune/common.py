@@ -6,12 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pqflow.recipe import MAX_BATCH, MAX_LAYERS, MAX_WINDOWS
+
 
 class CommonParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     correction: Literal["none", "reformation", "mask-tuning"] = Field(
         "none", description="post-pruning correction of kept weights from calibration data (no training)")
-    correct_windows: int | None = Field(64, ge=1, description="calibration windows the correction uses; null = all")
+    correct_windows: int | None = Field(64, ge=1, le=MAX_WINDOWS, description="calibration windows the correction uses; null = all")
     correct_target: Literal["residual", "layer"] = Field(
         "residual", description="residual: match the original hidden states (also absorbs upstream error); "
                                 "layer: match each module's own original output (Search-LLM)")
@@ -20,10 +22,10 @@ class CommonParams(BaseModel):
     correct_all: bool = Field(True, description="also correct layers that were not cut (they see shifted inputs)")
     refit_inputs: bool = Field(False, description="reformation: also refit q/k/v and gate/up so they map the pruned "
                                                    "model's inputs onto the original outputs")
-    damping: float = Field(0.01, gt=0, description="ridge towards the original weights, fraction of mean diag of XᵀX")
-    batch_size: int = Field(8, ge=1, description="windows per forward pass during correction")
-    protect_first: int = Field(0, ge=0, description="first decoder layers never cut")
-    protect_last: int = Field(0, ge=0, description="last decoder layers never cut")
+    damping: float = Field(0.01, gt=0, le=1e6, description="ridge towards the original weights, fraction of mean diag of XᵀX")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="windows per forward pass during correction")
+    protect_first: int = Field(0, ge=0, le=MAX_LAYERS, description="first decoder layers never cut")
+    protect_last: int = Field(0, ge=0, le=MAX_LAYERS, description="last decoder layers never cut")
 
 
 def prunable_layers(n_layers: int, p: CommonParams) -> list[int]:

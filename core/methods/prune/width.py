@@ -21,16 +21,17 @@ from pqflow.errors import PqflowError
 from pqflow.methods.importance.common import LayerGeometry, Scores
 from pqflow.methods.prune.common import CommonParams, prunable_layers
 from pqflow.methods.prune.plan import HeadMode, PrunePlan, UnitQueue, apply_units, channel_queue, head_queue
+from pqflow.recipe import MAX_GROUP
 
 
 class Params(CommonParams):
     allocation: Literal["uniform", "global", "layer-score"] = Field("global", description="how the budget spreads over layers")
     head_mode: HeadMode = Field("query", description="query: query heads, equal count per KV group; group: whole GQA groups; none: MLP only")
-    round_to: int = Field(64, ge=1, description="kept MLP channels are a multiple of this (64-wide quantization groups)")
-    min_channels: int = Field(64, ge=1, description="fewest MLP channels a layer keeps")
+    round_to: int = Field(64, ge=1, le=MAX_GROUP, description="kept MLP channels are a multiple of this (64-wide quantization groups)")
+    min_channels: int = Field(64, ge=1, le=1 << 20, description="fewest MLP channels a layer keeps")
     per_param: bool = Field(True, description="global: rank units by score per removed parameter")
     normalize: Literal["none", "layer-mean"] = Field("none", description="global: divide scores by their layer's mean first")
-    spread: float = Field(1.0, ge=0, description="layer-score: 0 = uniform, 1 = fractions proportional to 1/score")
+    spread: float = Field(1.0, ge=0, le=100, description="layer-score: 0 = uniform, 1 = fractions proportional to 1/score")
 
 
 def _queues(geos: list[LayerGeometry], scores: Scores, layers: list[int], p: Params) -> dict[int, tuple[UnitQueue, UnitQueue]]:

@@ -32,6 +32,7 @@ from pqflow.methods.quant import rtn as rtn_mod
 from pqflow.methods.quant.plan import Plan
 from pqflow.methods.quant.scale_tuning import ScaleTuner, cosine
 from pqflow.quant.linear import QuantLinear
+from pqflow.recipe import MAX_BATCH, MAX_SEED, MAX_STEPS, MAX_WINDOWS
 
 NEEDS_CALIBRATION = True
 
@@ -44,7 +45,7 @@ class Params(BaseModel):
     rtn: rtn_mod.Params = Field(default_factory=rtn_mod.Params, description="settings of the rtn initialiser")
     gptq: gptq_mod.Params = Field(default_factory=gptq_mod.Params, description="settings of the gptq initialiser")
     mrem: mrem_mod.Params = Field(default_factory=mrem_mod.Params, description="settings of the mrem initialiser")
-    steps: int = Field(100, ge=0, description="Adam steps over the whole model (SmolLM2, 2 x 512 tokens a step: "
+    steps: int = Field(100, ge=0, le=MAX_STEPS, description="Adam steps over the whole model (SmolLM2, 2 x 512 tokens a step: "
                        "~6 s each on 2 CPU cores; 3.0-bit GPTQ ppl 65.2 -> 42.4 in 100 steps)")
     lr: float = Field(0.02, gt=0, description="peak learning rate of the log-scale corrections (cosine to 0)")
     rounding: Literal["fixed", "learned"] = Field("fixed", description="keep the initialiser's codes, or learn them "
@@ -52,10 +53,10 @@ class Params(BaseModel):
     code_lr: float = Field(0.02, gt=0, description="Adam learning rate of the latent codes (rounding: learned), "
                            "in code levels per step, decayed linearly to 0")
     norm_lr: float = Field(1e-3, ge=0, description="peak learning rate of the RMSNorm gains (0 = frozen)")
-    batch_windows: int = Field(2, ge=1, description="calibration windows per Adam step")
-    n_windows: int | None = Field(None, ge=1, description="calibration windows the distillation draws from "
+    batch_windows: int = Field(2, ge=1, le=MAX_BATCH, description="calibration windows per Adam step")
+    n_windows: int | None = Field(None, ge=1, le=MAX_WINDOWS, description="calibration windows the distillation draws from "
                                   "(null = all the calib input has)")
-    seed: int = Field(0, description="seed of the minibatch order")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the minibatch order")
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:

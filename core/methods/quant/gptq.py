@@ -19,18 +19,19 @@ from pqflow.methods.quant.plan import LinearSpec, Plan
 from pqflow.quant.grid import minmax_params, mse_params, n_groups
 from pqflow.quant.linear import QuantLinear
 from pqflow.quant.model import set_module
+from pqflow.recipe import MAX_BATCH, MAX_GROUP, MAX_WINDOWS
 
 NEEDS_CALIBRATION = True
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    damp: float = Field(0.01, gt=0, description="damping added to H's diagonal, fraction of its mean")
-    block_size: int = Field(128, ge=1, description="columns updated lazily together (rounded up to a multiple of the group size)")
+    damp: float = Field(0.01, gt=0, le=1e6, description="damping added to H's diagonal, fraction of its mean")
+    block_size: int = Field(128, ge=1, le=MAX_GROUP, description="columns updated lazily together (rounded up to a multiple of the group size)")
     act_order: bool = Field(False, description="quantize columns by decreasing H diagonal (group params then come from the original weights)")
     clip_search: bool = Field(True, description="per-group range shrink search weighted by H's diagonal")
-    n_windows: int | None = Field(128, ge=1, description="calibration windows used (null = all)")
-    batch_size: int = Field(8, ge=1, description="windows per block forward")
+    n_windows: int | None = Field(128, ge=1, le=MAX_WINDOWS, description="calibration windows used (null = all)")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="windows per block forward")
 
 
 def _quant_col(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,7 @@ from pqflow.methods.quant.plan import Plan
 from pqflow.methods.quant.scale_tuning import ScaleTuner
 from pqflow.quant.linear import QuantLinear
 from pqflow.quant.model import quantized_modules, set_module
+from pqflow.recipe import MAX_BATCH, MAX_LAYERS, MAX_SEED, MAX_STEPS, MAX_THREADS, MAX_WINDOWS, MAX_WORKERS
 
 NEEDS_CALIBRATION = True
 
@@ -51,7 +52,7 @@ NEEDS_CALIBRATION = True
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     init: Literal["gptq", "rtn"] = Field("gptq", description="initial codes and scales")
-    steps: int | None = Field(None, ge=0, description="Adam steps per module; null = 60 when every linear of the "
+    steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="Adam steps per module; null = 60 when every linear of the "
                               "module has 4 bits or more, 150 below (3-bit scales need longer: SmolLM2 3g64 ppl "
                               "39.47 at 60 steps, 38.82 at 150)")
     lr: float = Field(2e-3, gt=0, description="learning rate of the log-scale corrections")
@@ -62,19 +63,19 @@ class Params(BaseModel):
                            "in code levels per step, decayed linearly to 0: a latent travels at most steps x lr / 2 "
                            "levels (1.5 at 150 steps; on SmolLM2's first 3 blocks at 3.0 bits 0.05 fits no "
                            "better and 0.005 flips no code)")
-    batch_windows: int = Field(2, ge=1, description="calibration windows per Adam step")
-    n_windows: int | None = Field(None, ge=1, description="calibration windows used; null = 32 with fixed codes, "
+    batch_windows: int = Field(2, ge=1, le=MAX_BATCH, description="calibration windows per Adam step")
+    n_windows: int | None = Field(None, ge=1, le=MAX_WINDOWS, description="calibration windows used; null = 32 with fixed codes, "
                                   "128 with learned rounding (a free code per weight over-fits 32: SmolLM2 at 3.0 "
                                   "bits, KL to fp16 0.12 on the calibration windows vs 0.54 on test; with 128, test "
                                   "ppl 44.73 -> 41.80)")
-    blocks_per_module: int = Field(1, ge=1, description="consecutive decoder blocks optimised together")
+    blocks_per_module: int = Field(1, ge=1, le=MAX_LAYERS, description="consecutive decoder blocks optimised together")
     inputs: Literal["quantized", "fp"] = Field("quantized", description="what feeds each module (see module doc)")
     anneal: bool = Field(False, description="annealed teacher forcing from fp to quantized inputs (inputs: quantized)")
-    workers: int = Field(1, ge=1, description="parallel processes (inputs: fp only)")
-    threads: int | None = Field(None, ge=1, description="torch threads per worker; null = CPU cores / workers")
+    workers: int = Field(1, ge=1, le=MAX_WORKERS, description="parallel processes (inputs: fp only)")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="torch threads per worker; null = CPU cores / workers")
     gptq: gptq_mod.Params = Field(default_factory=lambda: gptq_mod.Params(n_windows=None, batch_size=4),
                                   description="settings of the GPTQ initialiser")
-    seed: int = Field(0, description="seed of the minibatch order")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the minibatch order")
 
 
 def module_steps(params: Params, bits: list[int]) -> int:

@@ -33,22 +33,23 @@ from pqflow.methods.tuning.format import save_adapter
 from pqflow.methods.tuning.train import TrainData, TrainParams, resolve_device, train
 from pqflow.models import DTYPES, cast_float, save_hf, save_model
 from pqflow.quant import QuantLinear
+from pqflow.recipe import MAX_GROUP, MAX_RANK
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class Params(TrainParams):
-    r: int = Field(8, ge=1, description="adapter rank")
+    r: int = Field(8, ge=1, le=MAX_RANK, description="adapter rank")
     alpha: float = Field(16.0, gt=0, description="lora_alpha; the update is scaled by alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
-    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEARS),
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEARS), max_length=64,
                                       description="leaf names of the linears that get adapters")
     init: Literal["default", "gaussian", "loftq"] = Field(
         "default", description="default: A Kaiming, B zero (peft); loftq: quantize here, adapters fit the residual")
     loftq_bits: Literal[2, 3, 4, 8] = Field(4, description="loftq: bits of the packed base")
-    loftq_group_size: int | None = Field(64, description="loftq: input columns per scale; null = per row")
+    loftq_group_size: int | None = Field(64, ge=1, le=MAX_GROUP, description="loftq: input columns per scale; null = per row")
     loftq_symmetric: bool = Field(False, description="loftq: symmetric grid")
-    loftq_iter: int = Field(1, ge=1, description="loftq: alternating quantize / SVD rounds")
+    loftq_iter: int = Field(1, ge=1, le=100, description="loftq: alternating quantize / SVD rounds")
     merge: bool = Field(True, description="merge adapters into a float base after training")
     base_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="cast a float base to this dtype for training (adapters stay float32)")

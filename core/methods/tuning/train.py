@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
 from pqflow.perplexity import window_nlls
+from pqflow.recipe import MAX_BATCH, MAX_SEED, MAX_SEQLEN, MAX_STEPS, MAX_THREADS, MAX_WINDOWS, check_tokens
 from pqflow.runtime import peak_rss_mb
 
 
@@ -25,24 +26,30 @@ class TrainParams(BaseModel):
     """Settings every fine-tuning method shares (its recipe ``params`` extend these)."""
 
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(300, ge=1, description="optimizer steps (the step budget)")
-    batch_size: int = Field(4, ge=1, description="windows per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    seqlen: int = Field(256, ge=8, description="tokens per training window")
+    steps: int = Field(300, ge=1, le=MAX_STEPS, description="optimizer steps (the step budget)")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="windows per micro-batch")
+    grad_accum: int = Field(1, ge=1, le=MAX_WINDOWS, description="micro-batches per optimizer step")
+    seqlen: int = Field(256, ge=8, le=MAX_SEQLEN, description="tokens per training window")
     lr: float = Field(2e-4, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps before the cosine decay")
+    weight_decay: float = Field(0.0, ge=0, le=1e3)
+    warmup_steps: int = Field(20, ge=0, le=MAX_STEPS, description="linear warm-up steps before the cosine decay")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine decays to this fraction of lr")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = none")
-    eval_every: int = Field(50, ge=1, description="steps between validation perplexities")
-    eval_windows: int = Field(16, ge=1, description="held-out windows (of seqlen tokens) for validation")
+    eval_every: int = Field(50, ge=1, le=MAX_STEPS, description="steps between validation perplexities")
+    eval_windows: int = Field(16, ge=1, le=MAX_WINDOWS, description="held-out windows (of seqlen tokens) for validation")
     keep_best: bool = Field(True, description="restore the trainable state with the lowest validation ppl")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory, ~30% slower)")
-    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget: training stops when it is spent, "
+    max_minutes: float | None = Field(None, gt=0, le=1e6, description="wall-clock budget: training stops when it is spent, "
                                       "and the cosine schedule follows whichever budget runs out first")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads while training; null = torch's default")
-    seed: int = Field(0, description="seeds adapter init, window order and dropout")
-    device: str = Field("auto", description="auto (cuda when available) | cpu | cuda[:n]")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="torch CPU threads while training; null = torch's default")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds adapter init, window order and dropout")
+    device: str = Field("auto", max_length=32, description="auto (cuda when available) | cpu | cuda[:n]")
+
+    @model_validator(mode="after")
+    def _token_budget(self) -> TrainParams:
+        check_tokens(self.batch_size, self.seqlen, "batch_size x seqlen")
+        check_tokens(self.eval_windows, self.seqlen, "eval_windows x seqlen")
+        return self
 
 
 @dataclass
