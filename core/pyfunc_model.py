@@ -22,9 +22,13 @@ from mlflow.pyfunc import PythonModel
 
 class PqflowCausalLM(PythonModel):
     def load_context(self, context):
+        from pqflow.artifacts import MANIFEST, open_artifact
         from pqflow.models import load_model_artifact
 
-        self.loaded = load_model_artifact(Path(context.artifacts["model"]))
+        folder = Path(context.artifacts["model"])
+        if (folder / MANIFEST).is_file():  # a pipeline artifact: check every file before loading
+            folder = open_artifact(str(folder.absolute())).path
+        self.loaded = load_model_artifact(folder)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

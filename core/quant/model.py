@@ -13,6 +13,8 @@ Artifact layout (format ``pqflow-quant``):
 Reload builds the architecture from ``config.json``, reshapes and swaps modules from
 ``quant_config.json`` and loads the tensors: logits are bit-identical to the saved model's,
 because the in-memory model already holds the fp16-rounded float tensors (:func:`round_floats`).
+Before anything is built, ``config.json`` and the module shapes of ``quant_config.json`` are sized
+against the memory available and the bytes of ``model.safetensors`` (:mod:`pqflow.model_limits`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pqflow.models import DTYPES, LoadedModel
+from pqflow.errors import SourceError
+from pqflow.model_limits import MAX_DIM, check_config, valid_dim
+from pqflow.models import DTYPES, LoadedModel, load_config, load_tokenizer, weight_bytes
 from pqflow.quant.linear import QuantEmbedding, QuantLinear, TiedQuantHead
 
 QUANT_CONFIG = "quant_config.json"
@@ -150,22 +154,45 @@ def _in_quant(model: nn.Module, p: torch.Tensor) -> bool:
     return any(p is q for m in quantized_modules(model).values() for q in m.parameters())
 
 
+def _dtype(folder: Path, name: Any) -> torch.dtype:
+    if name not in DTYPES:
+        raise SourceError(f"{folder / QUANT_CONFIG}: unsupported dtype {name!r} (known: {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def module_params(cfg: dict[str, Any]) -> int:
+    """Weights of the quantized modules ``quant_config.json`` lists, each dimension checked."""
+    return sum(valid_dim(f"{name}.in_features", spec.get("in_features"), MAX_DIM, QUANT_CONFIG)
+               * valid_dim(f"{name}.out_features", spec.get("out_features"), MAX_DIM, QUANT_CONFIG)
+               for name, spec in cfg["modules"].items())
+
+
+def check_sizes(folder: Path, cfg: dict[str, Any], hf_cfg: Any) -> None:
+    """Refuse absurd sizes in config.json or quant_config.json before the skeleton is built."""
+    for name, shape in cfg["linear_shapes"].items():
+        for v in shape[:2]:
+            valid_dim(f"{name} shape", v, MAX_DIM, QUANT_CONFIG)
+    check_config(hf_cfg, where=str(folder), dtype=_dtype(folder, cfg["compute_dtype"]),
+                 weight_bytes=weight_bytes(folder), listed_params=module_params(cfg))
+
+
 def build_skeleton(folder: Path, cfg: dict[str, Any]) -> nn.Module:
     """The architecture with every module reshaped/swapped as recorded, weights uninitialised."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf_cfg = AutoConfig.from_pretrained(folder)
-    compute = DTYPES[cfg["compute_dtype"]]
+    hf_cfg = load_config(folder)
+    check_sizes(folder, cfg, hf_cfg)
+    compute = _dtype(folder, cfg["compute_dtype"])
     # Built on the CPU (not meta) so that non-persistent buffers such as rotary frequencies are
     # computed by the architecture's own code; the random init is overwritten on load.
-    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=compute)
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=compute, trust_remote_code=False)
     for name, (out_f, in_f, bias) in cfg["linear_shapes"].items():
         cur = model.get_submodule(name)
         if (cur.out_features, cur.in_features, cur.bias is not None) != (out_f, in_f, bias):
             with torch.device("meta"):
                 set_module(model, name, nn.Linear(in_f, out_f, bias=bias, dtype=compute))
     for name, spec in cfg["modules"].items():
-        sdt = DTYPES[spec["scale_dtype"]]
+        sdt = _dtype(folder, spec["scale_dtype"])
         if spec["kind"] == "embedding":
             mod: QuantLinear = QuantEmbedding(spec["out_features"], spec["in_features"], spec["bits"],
                                               spec["group_size"], spec["symmetric"], sdt, spec.get("padding_idx"))
@@ -181,17 +208,19 @@ def build_skeleton(folder: Path, cfg: dict[str, Any]) -> nn.Module:
 
 def load_quantized(folder: Path, meta: dict[str, Any]) -> LoadedModel:
     """Loader of the ``pqflow-quant`` model format (registered in :mod:`pqflow.models`)."""
-    from transformers import AutoTokenizer
-
     folder = Path(folder)
     if meta.get("backend") == "bitsandbytes":
         from pqflow.methods.quant.bnb import load_bnb
 
+        # transformers' bnb checkpoint: sized here, before from_pretrained builds it.
+        hf_cfg = load_config(folder)
+        check_config(hf_cfg, where=str(folder), dtype=_dtype(folder, meta.get("compute_dtype", "float32")),
+                     weight_bytes=weight_bytes(folder))
         return load_bnb(folder, meta)
     cfg = json.loads((folder / QUANT_CONFIG).read_text())
     if cfg.get("version") != FORMAT_VERSION:
         raise ValueError(f"{folder / QUANT_CONFIG}: unsupported version {cfg.get('version')}")
-    compute = DTYPES[cfg["compute_dtype"]]
+    compute = _dtype(folder, cfg["compute_dtype"])
     model = build_skeleton(folder, cfg)
     tensors = load_file(str(folder / WEIGHTS))
     state = {}
@@ -208,5 +237,4 @@ def load_quantized(folder: Path, meta: dict[str, Any]) -> LoadedModel:
     model.load_state_dict(state, strict=False, assign=True)
     if missing:
         model.tie_weights()
-    tok = AutoTokenizer.from_pretrained(folder)
-    return LoadedModel(model.eval(), tok, str(folder))
+    return LoadedModel(model.eval(), load_tokenizer(folder), str(folder))

@@ -17,7 +17,9 @@ def tensor_sizes(path: Path) -> dict[str, int]:
 
 def folder_tensor_sizes(folder: Path) -> dict[str, int]:
     sizes: dict[str, int] = {}
-    for p in sorted(Path(folder).rglob("*.safetensors")):
+    from pqflow.models import weight_files
+
+    for p in weight_files(Path(folder)):
         sizes.update(tensor_sizes(p))
     return sizes
 

@@ -1,7 +1,8 @@
 """The ``pqflow-pruned`` model format: a Hugging Face folder (config.json + safetensors) whose
 decoder layers have different head counts or MLP widths, listed in the config under
 ``pqflow_layer_shapes``. The loader builds the architecture from the config, shrinks each layer's
-linears to its listed shape and loads the safetensors; no pickled modules anywhere.
+linears to its listed shape and loads the safetensors; no pickled modules anywhere. Only the
+safetensors files the artifact's manifest lists are read, and the config is sized first.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torch import nn
 
 from pqflow.methods.importance.common import decoder_layers
 from pqflow.methods.prune.surgery import SHAPES_KEY
-from pqflow.models import LoadedModel
+from pqflow.model_limits import check_config
+from pqflow.models import LoadedModel, config_dtype, load_config, load_tokenizer, weight_bytes, weight_files
 
 FORMAT = "pqflow-pruned"
 
@@ -42,20 +44,19 @@ def shape_layers(model: nn.Module, shapes: list[list[int]]) -> None:
 
 
 def load_pruned_folder(folder: Path, meta: dict[str, Any]) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = load_config(folder)
     shapes = getattr(config, SHAPES_KEY, None)
     if shapes is None:
         raise ValueError(f"{folder}/config.json: format {FORMAT} needs '{SHAPES_KEY}'")
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    dtype = config_dtype(config)
+    check_config(config, where=str(folder), dtype=dtype, weight_bytes=weight_bytes(folder))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     shape_layers(model, shapes)
     state: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in weight_files(folder, top_level=True):
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
@@ -64,5 +65,4 @@ def load_pruned_folder(folder: Path, meta: dict[str, Any]) -> LoadedModel:
                          f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     if tied:
         model.tie_weights()
-    tok = AutoTokenizer.from_pretrained(folder)
-    return LoadedModel(model.eval(), tok, str(folder))
+    return LoadedModel(model.eval(), load_tokenizer(folder), str(folder))

@@ -61,7 +61,7 @@ def convert(model: nn.Module, plan: Plan, kind: str, double_quant: bool = True, 
         cast_float(model, torch.float16).save_pretrained(tmp, safe_serialization=True)
         qmodel = AutoModelForCausalLM.from_pretrained(
             tmp, quantization_config=bnb_config(kind, double_quant, threshold, skip, compute),
-            dtype=compute, device_map="cpu")
+            dtype=compute, device_map="cpu", use_safetensors=True, trust_remote_code=False)
     return qmodel.eval()
 
 
@@ -88,12 +88,15 @@ def save(model: nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
 
 def load_bnb(folder: Path, meta: dict[str, Any]) -> LoadedModel:
     _require_bnb()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from pqflow.models import load_tokenizer
 
     dtype = getattr(torch, meta.get("compute_dtype", "float32"))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cpu", use_safetensors=True,
+                                                 trust_remote_code=False)
     restore_dtypes(model, dtype)
-    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(folder), str(folder))
+    return LoadedModel(model.eval(), load_tokenizer(folder), str(folder))
 
 
 @torch.no_grad()

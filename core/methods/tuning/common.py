@@ -46,7 +46,11 @@ class Tuned:
 
 def copy_base_files(src: Path, out: Path) -> None:
     """Copy an input artifact's files byte for byte (its manifest and model meta excepted)."""
-    for p in sorted(Path(src).rglob("*")):
+    from pqflow.models import listed_files
+
+    listed = listed_files(Path(src))
+    found = sorted(Path(src).rglob("*")) if listed is None else [Path(src) / rel for rel in listed]
+    for p in found:
         rel = p.relative_to(src)
         if p.is_dir() or rel.name in _NOT_BASE and len(rel.parts) == 1:
             continue

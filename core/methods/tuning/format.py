@@ -9,6 +9,9 @@ Layout: the base's own files at the top (e.g. ``model.safetensors`` + ``quant_co
 
 When ``merged`` is true the top-level weights already include the adapter (float base) and the
 adapter folder is kept for reference only; the loader reads the base alone.
+
+The adapter folder must lie inside the artifact (the verified files) and hold
+``adapter_model.safetensors``: peft would otherwise fall back to a pickled ``adapter_model.bin``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from pqflow.errors import SourceError
 from pqflow.methods.tuning.common import ADAPTER_DIR
 from pqflow.models import _LOADERS, LoadedModel
 
@@ -31,12 +35,25 @@ def load_base(folder: Path, base_meta: dict[str, Any]) -> LoadedModel:
     return getattr(importlib.import_module(mod_name), fn)(Path(folder), base_meta)
 
 
+def adapter_dir_of(folder: Path, rel: Any) -> Path:
+    """The adapter folder ``pqflow_model.json`` names, refused unless it lies inside ``folder``."""
+    root = Path(folder).resolve()
+    if not isinstance(rel, str) or not (root / rel).resolve().is_relative_to(root):
+        raise SourceError(f"{folder}: adapter folder {rel!r} lies outside the model artifact")
+    return root / rel
+
+
 def attach_adapter(model: nn.Module, adapter_dir: Path, trainable: bool = False) -> nn.Module:
     """Wrap ``model`` with the peft adapter saved in ``adapter_dir``; returns the peft model."""
     from peft import LoraConfig, PeftModel
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
     from pqflow.methods.tuning.lora_layer import register
 
+    if not (Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME).is_file():
+        # peft would read a pickled adapter_model.bin instead, or look the path up on the Hub.
+        raise SourceError(f"{adapter_dir}: no {SAFETENSORS_WEIGHTS_NAME}; pqflow loads adapters only "
+                          f"from safetensors")
     cfg = register(LoraConfig.from_pretrained(str(adapter_dir)))
     return PeftModel.from_pretrained(model, str(adapter_dir), config=cfg, is_trainable=trainable)
 
@@ -63,9 +80,10 @@ def save_adapter(peft_model: nn.Module, adapter_dir: Path) -> None:
 def load_lora_folder(folder: Path, meta: dict[str, Any]) -> LoadedModel:
     """Loader of the ``pqflow-lora`` format (registered in :mod:`pqflow.models`)."""
     folder = Path(folder)
+    adapter = None if meta.get("merged") else adapter_dir_of(folder, meta.get("adapter", ADAPTER_DIR))
     base = load_base(folder, meta["base"])
-    if meta.get("merged"):
+    if adapter is None:
         return base
-    peft_model = attach_adapter(base.model, folder / meta.get("adapter", ADAPTER_DIR))
+    peft_model = attach_adapter(base.model, adapter)
     # The transformers model with the LoRA layers injected: callers see the usual model API.
     return LoadedModel(peft_model.get_base_model().eval(), base.tokenizer, str(folder))
