@@ -176,8 +176,9 @@ def _s3():
     from botocore.config import Config
 
     # botocore's standard retry mode backs off on throttling, 5xx and connection errors; with these
-    # timeouts a hanging endpoint fails after 3 x (5 s connect or 15 s read) plus backoff: under a minute.
-    cfg = Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 3, "mode": "standard"})
+    # timeouts a hanging endpoint fails after 3 tries x (5 s connect or 15 s read) plus backoff: under a
+    # minute. (``max_attempts`` would count retries only: ``total_max_attempts`` includes the first try.)
+    cfg = Config(connect_timeout=5, read_timeout=15, retries={"total_max_attempts": 3, "mode": "standard"})
     return boto3.client("s3", config=cfg)
 
 
@@ -407,7 +408,9 @@ def staging_dir(uri: str) -> Path:
     if is_s3(uri):
         tmp = Path(tempfile.gettempdir())
         _clean_stale(tmp, "pqflow-stage-*")
-        return Path(tempfile.mkdtemp(prefix=f"pqflow-stage-{_tag()}", dir=tmp))
+        work = tmp / f"pqflow-stage-{_tag()}"
+        work.mkdir(mode=0o700)
+        return work
     dest = local_path(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(dest.parent, f".{dest.name}.partial-*")

@@ -84,6 +84,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"(state in {services.state_dir(args.state_dir)})", file=sys.stderr)
             svc = services.start(args.state_dir, s3=need_s3, mlflow=need_mlflow,
                                  s3_url=None if need_s3 else os.environ.get("AWS_ENDPOINT_URL"))
+            if not svc.owned:  # another run on this state dir started them while we waited for the lock
+                print(f"[pqflow] using the services another pqflow process started on {svc.state}: "
+                      f"MLflow {svc.mlflow_url}, S3 {svc.s3_url}", file=sys.stderr)
         env = svc.env()
         if not need_s3:  # the user's S3: keep their credentials
             env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
@@ -92,9 +95,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run_plan(recipe, root, force=args.force, mlflow_uri=mlflow_uri)
     finally:
-        if svc is not None and svc.owned:
-            print("[pqflow] stopping the embedded services (S3 contents kept in the state dir)", file=sys.stderr)
-            svc.stop()
+        if svc is not None:
+            if svc.owned:
+                print("[pqflow] stopping the embedded services (S3 contents kept in the state dir)", file=sys.stderr)
+            svc.stop()  # a user of another process's services only leaves them
     reused = sum(o.skipped for o in result.outcomes.values())
     print(f"\nrun finished in {result.seconds:.1f}s ({reused}/{len(result.outcomes)} steps reused); "
           f"artifacts under {result.root.rstrip('/')}/{recipe.name}")
@@ -126,6 +130,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"already running: MLflow UI {svc.mlflow_url}  S3 {svc.s3_url}  (state {svc.state})")
         return 0
     svc = services.start(args.state_dir, s3_port=args.s3_port, mlflow_port=args.mlflow_port)
+    if not svc.owned:  # another process started them while we waited for the state dir's lock
+        print(f"already running: MLflow UI {svc.mlflow_url}  S3 {svc.s3_url}  (state {svc.state})")
+        svc.stop()
+        return 0
     print(f"MLflow UI:   {svc.mlflow_url}")
     print(f"S3 endpoint: {svc.s3_url}  (access key {services.DUMMY_CREDS['AWS_ACCESS_KEY_ID']})")
     print(f"state:       {svc.state}")

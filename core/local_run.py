@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import tempfile
 import time
 import typing
 import uuid
@@ -26,6 +25,7 @@ from pqflow.errors import PqflowError
 from pqflow.plan import Step, plan
 from pqflow.recipe import Recipe
 from pqflow.stages import get_stage, stage_available
+from pqflow.watchdog import clean_stale_scratch, scratch_dir
 
 
 @dataclass
@@ -112,6 +112,7 @@ def run_plan(recipe: Recipe, root: str | None = None, *, force: bool = False, ml
              on_step: Callable[[str, StepResult], None] | None = None) -> RunResult:
     """Run every planned step in order; with ``mlflow_uri`` track the run in MLflow."""
     root = root or recipe.storage.root
+    clean_stale_scratch()  # scratch folders of runs that were killed
     steps = check_buildable(recipe)
     # Fail fast, before any stage starts, naming the endpoint that does not answer.
     check_reachable(root)
@@ -125,13 +126,13 @@ def run_plan(recipe: Recipe, root: str | None = None, *, force: bool = False, ml
     parent = exp_id = None
     if client is not None:
         parent = tracking.start_parent(client, recipe, run_key, root=root, steps=[s.name for s in steps])
-        exp_id = client.get_run(parent).info.experiment_id
+        exp_id = tracking.experiment_of(client, parent)
     t0 = time.perf_counter()
     outputs: dict[str, Any] = {}
     results: dict[str, StepResult] = {}
     ok = False
     try:
-        with tempfile.TemporaryDirectory(prefix="pqflow-run-") as scratch:
+        with scratch_dir("run") as scratch:
             for step in steps:
                 out = run_step(step, recipe, root, outputs, Path(scratch), mlflow_uri=mlflow_uri or "",
                                parent_run=parent or "", run_key=run_key, force=force)
@@ -152,6 +153,8 @@ def run_plan(recipe: Recipe, root: str | None = None, *, force: bool = False, ml
                     "steps_run": float(sum(not r.skipped for r in results.values())),
                 })
             except Exception as e:  # noqa: BLE001 - do not hide the original failure
+                if ok:
+                    raise  # every step is published: a re-run reuses them and closes a new parent run
                 print(f"[pqflow] warning: could not close the MLflow parent run: {e}", file=sys.stderr)
     registry = {}
     final = results.get("evaluate")

@@ -13,14 +13,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
-import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from pqflow.errors import PqflowError
 from pqflow.recipe import Recipe
 from pqflow.runner import StageOutcome
 from pqflow.stages import get_stage
+from pqflow.watchdog import scratch_dir
 
 LOGGED_SUFFIXES = (".png", ".json", ".csv", ".md", ".html")
 MAX_LOGGED_FILE = 20 * 2**20
@@ -37,17 +41,42 @@ BASELINE_STEP = "evaluate-baseline"
 FINAL_STEP = "evaluate"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 
-# MLflow's client retries an unreachable server for minutes by default; fail within a minute.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+# MLflow's client retries an unreachable server for minutes by default; fail within a minute: a
+# server that accepts connections but never answers costs 2 attempts x 25 s + ~2 s of backoff per
+# request, one that refuses them a few seconds. Environment variables set by the user win.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "25",
+                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+# Tracking store schemes of MLflow 3 (a plain path is a file store); "+driver" suffixes of the
+# database schemes (postgresql+psycopg2://) are SQLAlchemy's.
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                    "databricks-uc", "uc")
 
 
 def model_name(recipe: Recipe) -> str:
     return recipe.model.name or recipe.name
 
 
+def check_scheme(uri: str) -> None:
+    """One error naming ``uri`` and the schemes MLflow accepts, for a URI no tracking store takes."""
+    scheme = urllib.parse.urlparse(uri).scheme.lower()
+    if scheme == "" or scheme.split("+", 1)[0] in TRACKING_SCHEMES:
+        return
+    try:  # a scheme an installed MLflow plugin registers
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        _tracking_store_registry.get_store_builder(uri)
+        return
+    except Exception:  # noqa: BLE001 - no plugin (or no mlflow): the URI is refused below
+        pass
+    raise PqflowError(f"unsupported MLflow tracking URI {uri!r}: scheme '{scheme}' is none of "
+                      f"{', '.join(TRACKING_SCHEMES)} (or a local path)")
+
+
 def check_reachable(uri: str, timeout: float = 5.0, attempts: int = 3) -> None:
-    """Fail fast with a message naming ``uri`` when the tracking server does not answer."""
+    """Fail fast with a message naming ``uri`` when its scheme is not one MLflow accepts or the
+    tracking server does not answer."""
+    check_scheme(uri)
     if not uri.startswith(("http://", "https://")):
         return  # file: / sqlite: stores need no server
     last: Exception | None = None
@@ -74,8 +103,68 @@ def check_reachable(uri: str, timeout: float = 5.0, attempts: int = 3) -> None:
     raise PqflowError(f"MLflow tracking server {uri} unreachable: {getattr(last, 'reason', last)}")
 
 
+def _service_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the tracking server (or the artifact store behind it) failed us."""
+    errors: list[type[BaseException]] = [OSError]
+    with contextlib.suppress(ImportError):
+        from mlflow.exceptions import MlflowException
+
+        errors.append(MlflowException)
+    with contextlib.suppress(ImportError):
+        import requests
+
+        errors.append(requests.RequestException)
+    with contextlib.suppress(ImportError):
+        import urllib3
+
+        errors.append(urllib3.exceptions.HTTPError)
+    with contextlib.suppress(ImportError):
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [Boto3Error, BotoCoreError, ClientError]
+    return tuple(errors)
+
+
+_TRANSPORT = re.compile(r"failed with (timeout )?exception|Max retries exceeded|Connection (refused|reset|aborted)|"
+                        r"timed out|RemoteDisconnected|Failed to establish", re.IGNORECASE)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def describe_failure(uri: str, doing: str, e: BaseException) -> str:
+    """One line: the server stopped answering (transport failures) or what it answered."""
+    import requests
+
+    msg = str(e)
+    if isinstance(e, requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError) or \
+            _TRANSPORT.search(msg):
+        errno = re.search(r"\[Errno -?\d+\] ([^\"')]+)", msg)
+        why = errno.group(1) if errno else ("timed out" if "time" in msg.lower() else _one_line(msg, 160))
+        return f"MLflow tracking server {uri} stopped answering while {doing} ({why.strip()})"
+    return f"MLflow tracking server {uri} failed while {doing}: {_one_line(msg)}"
+
+
+@contextlib.contextmanager
+def talking_to(uri: str, doing: str, after: str = "") -> Iterator[None]:
+    """Turn failures of the tracking server during ``doing`` into one PqflowError naming ``uri``."""
+    try:
+        yield
+    except PqflowError:
+        raise
+    except _service_errors() as e:
+        raise PqflowError(describe_failure(uri, doing, e) + after) from e
+
+
+def _uri(client: Any) -> str:
+    return str(getattr(client, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI", "?"))
+
+
 def configure(uri: str) -> Any:
     """Point mlflow at ``uri`` and return an ``MlflowClient``."""
+    check_scheme(uri)
     for k, v in _HTTP_DEFAULTS.items():
         os.environ.setdefault(k, v)
     import mlflow
@@ -115,6 +204,17 @@ def _numeric(summary: dict[str, Any]) -> dict[str, float]:
 def start_parent(client: Any, recipe: Recipe, run_key: str, *, root: str, steps: list[str],
                  source: str = "local") -> str:
     """Create the pipeline run's parent run; returns its id."""
+    with talking_to(_uri(client), "creating the parent run"):
+        return _start_parent(client, recipe, run_key, root=root, steps=steps, source=source)
+
+
+def experiment_of(client: Any, run_id: str) -> str:
+    with talking_to(_uri(client), "reading the parent run"):
+        return client.get_run(run_id).info.experiment_id
+
+
+def _start_parent(client: Any, recipe: Recipe, run_key: str, *, root: str, steps: list[str],
+                  source: str) -> str:
     exp = _experiment_id(client, recipe.tracking.experiment)
     run = client.create_run(exp, run_name=f"{recipe.name}-{run_key[:8]}", tags={
         "pqflow.run_key": run_key, "pqflow.recipe": recipe.name, "pqflow.root": root,
@@ -141,7 +241,7 @@ def find_or_create_parent(client: Any, recipe: Recipe, run_key: str, root: str) 
         return parents[0].info.run_id
     from pqflow.plan import plan
 
-    mine = start_parent(client, recipe, run_key, root=root, steps=[s.name for s in plan(recipe)], source="kfp")
+    mine = _start_parent(client, recipe, run_key, root=root, steps=[s.name for s in plan(recipe)], source="kfp")
     # Stages that start together (calibrate, evaluate-baseline) may both have created one: all of
     # them settle on the earliest, and the others delete their own.
     found = client.search_runs([exp], flt, max_results=20)
@@ -154,9 +254,10 @@ def find_or_create_parent(client: Any, recipe: Recipe, run_key: str, root: str) 
 
 
 def end_parent(client: Any, run_id: str, ok: bool, metrics: dict[str, float] | None = None) -> None:
-    if metrics:
-        client.log_batch(run_id, metrics=_metrics(metrics))
-    client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    with talking_to(_uri(client), "closing the parent run"):
+        if metrics:
+            client.log_batch(run_id, metrics=_metrics(metrics))
+        client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
 def _params(d: dict[str, str]):
@@ -203,14 +304,20 @@ class StageTracker:
         self.result: dict[str, Any] = {}
 
     def __call__(self, outcome: StageOutcome) -> None:
+        # The stage's artifact is published before this runs: a tracking failure fails the run, and
+        # the next run reuses the artifact and logs the step again.
+        kept = f"; the artifact of step {self.step} is kept at {outcome.uri}: run again to resume"
         client = configure(self.uri)
         if not self.parent_run:
-            key = self.run_key or canonical_digest({"recipe": self.recipe.model_dump(mode="json")})
-            self.parent_run = find_or_create_parent(client, self.recipe, key, self.root)
-        child = log_step(client, self.parent_run, self.recipe, self.step, outcome)
+            with talking_to(self.uri, "finding the parent run", kept):
+                key = self.run_key or canonical_digest({"recipe": self.recipe.model_dump(mode="json")})
+                self.parent_run = find_or_create_parent(client, self.recipe, key, self.root)
+        with talking_to(self.uri, f"logging step {self.step}", kept):
+            child = log_step(client, self.parent_run, self.recipe, self.step, outcome)
         self.result["mlflow_run_id"] = child
         if self.step == FINAL_STEP and outcome.stage == "evaluate":
-            self.result.update(register(client, self.parent_run, child, self.recipe, self.root, outcome))
+            with talking_to(self.uri, "registering the model", kept):
+                self.result.update(register(client, self.parent_run, child, self.recipe, self.root, outcome))
 
 
 def log_step(client: Any, parent_id: str, recipe: Recipe, step: str, outcome: StageOutcome) -> str:
@@ -231,7 +338,7 @@ def log_step(client: Any, parent_id: str, recipe: Recipe, step: str, outcome: St
     metrics["reused"] = float(outcome.skipped)
     metrics["artifact_bytes_out"] = float(outcome.manifest.get("bytes", 0))
     client.log_batch(rid, metrics=_metrics(metrics), params=_params(params))
-    with tempfile.TemporaryDirectory(prefix="pqflow-track-") as tmp:
+    with scratch_dir("track") as tmp:
         client.log_text(rid, json.dumps(outcome.manifest, indent=2, sort_keys=True), "manifest.json")
         for f in _artifact_files(outcome.uri, outcome.manifest, Path(tmp)):
             client.log_artifact(rid, str(f), "outputs")
@@ -311,7 +418,7 @@ def register(client: Any, parent_id: str, child_id: str, recipe: Recipe, root: s
     reused = version is not None
     if not reused:
         ev = recipe.stages.evaluate
-        with tempfile.TemporaryDirectory(prefix="pqflow-model-") as tmp:
+        with scratch_dir("model") as tmp:
             folder = _model_folder(recipe, outcome, Path(tmp))
             info = _log_pyfunc(child_id, folder, name, ev.seqlen, ev.max_windows or 0, ev.batch_size,
                                ev.data.source, ev.data.field)
