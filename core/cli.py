@@ -26,10 +26,12 @@ def _kv(items: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from pqflow.data import check_recipe_data
     from pqflow.plan import plan
     from pqflow.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    check_recipe_data(recipe, missing_ok=True)
     steps = plan(recipe)
     print(f"{args.recipe}: valid; steps: {' -> '.join(s.name for s in steps)}")
     return 0
@@ -67,12 +69,18 @@ def _endpoints(args: argparse.Namespace, recipe) -> tuple[str, str | None, bool,
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pqflow import services
+    from pqflow.data import check_recipe_data
     from pqflow.local_run import check_buildable, run_plan
     from pqflow.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     check_buildable(recipe)
+    check_recipe_data(recipe)  # before any service starts: bad data is one line, and nothing runs
     root, mlflow_uri, need_s3, need_mlflow = _endpoints(args, recipe)
+    if mlflow_uri:
+        from pqflow.tracking import check_scheme
+
+        check_scheme(mlflow_uri)  # before any service starts
     svc = None
     if need_s3 or need_mlflow:
         svc = services.running(args.state_dir)

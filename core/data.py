@@ -226,6 +226,21 @@ def check_recipe_unseen(recipe: Any) -> None:
         check_unseen(recipe.stages.finetune.data.source, ev, "fine-tuning")
 
 
+def check_recipe_data(recipe: Any, missing_ok: bool = False) -> None:
+    """Fail before anything starts: every local data file the recipe reads is readable UTF-8 text
+    (JSON lines with the field, for ``jsonl:``), and no training data is the evaluation data.
+    ``missing_ok``: a file that does not exist yet is checked when its stage loads it."""
+    st = recipe.stages
+    refs = [st.calibrate.data, st.evaluate.data] + ([st.finetune.data] if st.finetune.enabled else [])
+    for ref in refs:
+        if not ref.source.startswith(("text:", "jsonl:")):
+            continue
+        if missing_ok and not _source_path(ref.source).exists():
+            continue
+        _file_rows(ref.source, ref.field)
+    check_recipe_unseen(recipe)
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Tokenize a whole text once with the tokenizer's defaults; returns a 1-D LongTensor."""
     import torch

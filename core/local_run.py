@@ -114,14 +114,15 @@ def run_plan(recipe: Recipe, root: str | None = None, *, force: bool = False, ml
     root = root or recipe.storage.root
     clean_stale_scratch()  # scratch folders of runs that were killed
     steps = check_buildable(recipe)
-    # Fail fast, before any stage starts, naming the endpoint that does not answer.
-    check_reachable(root)
+    # Fail fast, before any stage starts, naming the endpoint that does not answer (the tracking
+    # server first: checking a local root creates it).
     client = None
     if mlflow_uri:
         from pqflow import tracking
 
         tracking.check_reachable(mlflow_uri)
         client = tracking.configure(mlflow_uri)
+    check_reachable(root)
     run_key = uuid.uuid4().hex
     parent = exp_id = None
     if client is not None:

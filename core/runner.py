@@ -20,7 +20,7 @@ from pqflow.artifacts import (
     read_manifest,
     staging_dir,
 )
-from pqflow.data import check_recipe_unseen
+from pqflow.data import check_recipe_data
 from pqflow.errors import ArtifactError, PqflowError
 from pqflow.recipe import Recipe
 from pqflow.stages import StageSpec, get_stage, stage_available
@@ -76,7 +76,7 @@ def run_stage(name: str, recipe: Recipe, input_uris: dict[str, str], out_uri: st
         )
     t0 = time.perf_counter()
     check_destination(out_uri, input_uris)
-    check_recipe_unseen(recipe)
+    check_recipe_data(recipe, missing_ok=True)
     inputs = {k: open_artifact(uri) for k, uri in input_uris.items()}
     params = stage_params(spec, recipe, set(inputs))
     fp = fingerprint(spec, params, inputs)

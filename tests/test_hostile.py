@@ -775,6 +775,19 @@ def test_non_utf8_recipe_and_directory_recipe(tmp_path: Path, capsys):
     assert "directory" in _one_line_cli_error(capsys, ["validate", str(tmp_path)])
 
 
+def test_bad_data_fails_validate_and_run_before_anything_starts(tmp_path: Path, capsys):
+    """Attack: a non-UTF-8 data file passed validate, and `pqflow run` started services before failing."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not text\n" * 10)
+    data = _tiny()
+    data["stages"]["calibrate"]["data"] = {"source": f"text:{bad}"}
+    recipe = _write(tmp_path, data)
+    for argv in (["validate", str(recipe)],
+                 ["run", str(recipe), "--root", f"file://{tmp_path / 'art'}", "--state-dir", str(tmp_path / "st")]):
+        assert "not UTF-8" in _one_line_cli_error(capsys, argv)
+    assert not (tmp_path / "art").exists() and not (tmp_path / "st").exists()
+
+
 def test_huge_integer_literal_is_a_recipe_error(tmp_path: Path):
     """Attack: an integer literal with 10k digits (Python refuses to convert it)."""
     data = (RECIPES / "tiny.yaml").read_text().replace("n_windows: 8", "n_windows: " + "9" * 10_000)
