@@ -1259,8 +1259,9 @@ def test_mlflow_server_gone_mid_run_is_one_error(tiny_recipe, tmp_path, monkeypa
     from pqflow.runner import StageOutcome
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # keep the test fast
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it
     uri = f"http://127.0.0.1:{services.free_port()}"  # nothing listens: the server "died"
+    # mlflow.set_tracking_uri exports it; setenv first so that monkeypatch removes it afterwards
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = tracking.configure(uri)
     outcome = StageOutcome("calibrate", f"file://{tmp_path}/calibrate", {"summary": {"n": 1}}, False, 1.0)
     calls = {
