@@ -241,6 +241,15 @@ def _remote_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--token", help="bearer token for the KFP API")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pqflow.export import ExportOptions, export_artifact
+
+    res = export_artifact(args.model, args.format, args.out, ExportOptions(fallback=args.fallback, dtype=args.dtype),
+                          force=args.force)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
 def cmd_recipe_doc(args: argparse.Namespace) -> int:
     from pqflow.recipe_doc import render_reference
 
@@ -276,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-tracking", action="store_true", help="no MLflow (and no embedded services for it)")
     s.add_argument("--state-dir", help="embedded services' state (default: $PQFLOW_STATE_DIR or ./pqflow-runs/services)")
     s.set_defaults(fn=cmd_run)
+
+    from pqflow.export import FORMATS
+
+    s = sub.add_parser("export", help="write a model artifact in a format another engine loads "
+                       "(a verified artifact of its own)")
+    s.add_argument("model", metavar="MODEL_URI", help="a pqflow model artifact (file:// path or s3://)")
+    s.add_argument("--format", required=True, choices=sorted(FORMATS))
+    s.add_argument("--out", required=True, metavar="URI", help="file:// path or s3://bucket/prefix")
+    s.add_argument("--fallback", choices=["error", "widen", "requant"], default="error",
+                   help="a layer the format cannot hold exactly: fail (default), widen it into a larger "
+                   "type without loss, or re-quantize it to the format's nearest type (lossy, reported)")
+    s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="dtype of float tensors")
+    s.add_argument("--force", action="store_true", help="export even if the output is up to date")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("up", help="start the embedded S3 + MLflow and keep them running (prints the MLflow UI URL)")
     s.add_argument("--state-dir", help="state folder (default: $PQFLOW_STATE_DIR or ./pqflow-runs/services)")

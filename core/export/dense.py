@@ -1,0 +1,88 @@
+"""A loaded pqflow model turned back into plain ``nn.Linear`` / ``nn.Embedding`` modules.
+
+Packed layers are dequantized exactly (codes, scales and zeros as the model computes with them),
+LoRA adapters are folded into the dense weight (``W + B A * scaling``, the float sum the adapter
+computes), and pruned widths are read off the layers. What the exports share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+from torch import nn
+
+from pqflow.methods.importance.common import decoder_layers
+from pqflow.quant.linear import QuantEmbedding, QuantLinear, TiedQuantHead
+
+
+@dataclass(frozen=True)
+class LayerWidths:
+    n_heads: int
+    n_kv_heads: int
+    intermediate: int
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+    return lin
+
+
+def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(module, QuantLinear):
+        return module.dequantize(torch.float32), module.bias
+    return module.weight.detach().float(), getattr(module, "bias", None)
+
+
+@torch.no_grad()
+def densify(model: nn.Module) -> nn.Module:
+    """Replace packed layers, LoRA-wrapped layers and quantized embeddings in place (float32)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer) and name:
+            base = mod.get_base_layer()
+            w, b = _dense_weight(base)
+            for adapter in mod.active_adapters:
+                if adapter in mod.lora_A:
+                    w = w + mod.get_delta_weight(adapter).float()
+            _set(model, name, _linear(w, b))
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantEmbedding):
+            emb = nn.Embedding(mod.out_features, mod.in_features, padding_idx=mod.padding_idx, device="meta")
+            emb.weight = nn.Parameter(mod.dequantize(torch.float32).contiguous(), requires_grad=False)
+            _set(model, name, emb)
+        elif isinstance(mod, QuantLinear):
+            _set(model, name, _linear(*_dense_weight(mod)))
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, TiedQuantHead):
+            _set(model, name, _linear(model.get_input_embeddings().weight, None))
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return model
+
+
+def layer_widths(model: nn.Module) -> list[LayerWidths]:
+    """Each decoder layer's (query heads, KV heads, MLP width), read off its linears."""
+    out = []
+    for layer in decoder_layers(model):
+        a, m = layer.self_attn, layer.mlp
+        hd = a.head_dim
+        out.append(LayerWidths(a.q_proj.out_features // hd, a.k_proj.out_features // hd, m.up_proj.out_features))
+    return out
+
+
+def uniform_widths(model: nn.Module) -> tuple[LayerWidths | None, int | None]:
+    """(the one width every layer has, None) or (None, index of the first layer that differs)."""
+    widths = layer_widths(model)
+    for i, w in enumerate(widths):
+        if w != widths[0]:
+            return None, i
+    return (widths[0] if widths else None), None

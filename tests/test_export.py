@@ -1,0 +1,148 @@
+"""`pqflow export`: the registry, the CLI, verified export artifacts, and hf-dense read by plain
+transformers in a process that never imports pqflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pqflow.artifacts import MANIFEST, build_manifest, open_artifact, publish, staging_dir
+from pqflow.cli import main
+from pqflow.data import eval_windows, load_text, tokenize
+from pqflow.methods.quant import rtn
+from pqflow.methods.quant.plan import LinearSpec, resolve_plan
+from pqflow.models import load_model_artifact, save_model
+from pqflow.perplexity import perplexity
+from pqflow.quant.model import FORMAT, quantize_embeddings, save_quantized
+
+# Scores an exported folder with plain transformers; fails if anything imports pqflow.
+SCORE = r"""
+import json, math, sys
+import torch
+from transformers import AutoModelForCausalLM
+folder, ids_path = sys.argv[1:3]
+windows = torch.tensor(json.load(open(ids_path)))
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(input_ids=windows).logits.float()
+nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+assert not any(m == "pqflow" or m.startswith("pqflow.") for m in sys.modules), "pqflow was imported"
+print(json.dumps({"ppl": math.exp(nll.item()), "logit_sum": logits.double().sum().item()}))
+"""
+
+
+def _publish_model(model, tok, uri: Path, **save_kw) -> str:
+    work = staging_dir(str(uri))
+    save_model(model, tok, work, **save_kw)
+    publish(work, str(uri), build_manifest(work, stage="quantize", params={}, inputs={}, fingerprint="t"))
+    return str(uri)
+
+
+def _quantized(tiny, tmp_path: Path, mixed: bool = True, embed_bits: int | None = None) -> str:
+    model, tok = tiny
+    plan = resolve_plan(model, 4, 64, False)
+    if mixed:
+        plan["model.layers.0.self_attn.q_proj"] = LinearSpec(3, 32, True)
+        plan["model.layers.0.mlp.up_proj"] = LinearSpec(2, None, False)
+        plan["model.layers.2.mlp.down_proj"] = LinearSpec(8, None, False)
+    rtn.quantize(model, None, plan, rtn.Params())
+    if embed_bits:
+        quantize_embeddings(model, embed_bits, None, 64, False)
+    return _publish_model(model, tok, tmp_path / "quant", fmt=FORMAT, saver=save_quantized)
+
+
+def _windows(tok) -> torch.Tensor:
+    return eval_windows(tokenize(tok, load_text("wikitext2", "test")), 64, 4)
+
+
+def _score_outside(folder: Path, windows: torch.Tensor, tmp_path: Path) -> dict:
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps(windows.tolist()))
+    out = subprocess.run([sys.executable, "-c", SCORE, str(folder), str(ids)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("embed_bits", [None, 4])
+def test_hf_dense_loads_in_plain_transformers_with_pqflow_ppl(tiny, tmp_path, embed_bits):
+    src = _quantized(tiny, tmp_path, embed_bits=embed_bits)
+    out = tmp_path / "dense"
+    assert main(["export", src, "--format", "hf-dense", "--out", str(out), "--dtype", "float32"]) == 0
+    art = open_artifact(str(out))
+    assert art.manifest["stage"] == "export" and art.manifest["summary"]["format"] == "hf-dense"
+    assert art.manifest["inputs"]["model"]["digest"] == open_artifact(src).digest
+    assert not list(out.glob("*.bin")) and "quantization_config" not in json.loads((out / "config.json").read_text())
+    loaded = load_model_artifact(Path(src))
+    windows = _windows(loaded.tokenizer)
+    ours = perplexity(loaded.model, windows, progress=False).ppl
+    theirs = _score_outside(out, windows, tmp_path)["ppl"]
+    assert abs(theirs - ours) / ours < 1e-4, (theirs, ours)
+
+
+def test_hf_dense_fp16_is_within_fp16_rounding(tiny, tmp_path):
+    src = _quantized(tiny, tmp_path, mixed=False)
+    out = tmp_path / "dense16"
+    assert main(["export", src, "--format", "hf-dense", "--out", str(out)]) == 0
+    loaded = load_model_artifact(Path(src))
+    windows = _windows(loaded.tokenizer)
+    ours = perplexity(loaded.model, windows, progress=False).ppl
+    theirs = _score_outside(out, windows, tmp_path)["ppl"]
+    assert abs(theirs - ours) / ours < 1e-3, (theirs, ours)
+    # fp16 weights: about half the bytes of the float32 export of the same model
+    assert open_artifact(str(out)).manifest["summary"]["dtype"] == "float16"
+
+
+def test_export_is_skipped_when_up_to_date_and_refuses_bad_targets(tiny, tmp_path, capsys):
+    src = _quantized(tiny, tmp_path, mixed=False)
+    out = tmp_path / "dense"
+    assert main(["export", src, "--format", "hf-dense", "--out", str(out)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["export", src, "--format", "hf-dense", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] is True and first["skipped"] is False
+    assert main(["export", src, "--format", "hf-dense", "--out", src]) == 2
+    assert "overlaps input 'model'" in capsys.readouterr().err
+    cal = tmp_path / "notamodel"
+    work = staging_dir(str(cal))
+    (work / "x.json").write_text("{}")
+    publish(work, str(cal), build_manifest(work, stage="calibrate", params={}, inputs={}, fingerprint="c"))
+    assert main(["export", str(cal), "--format", "hf-dense", "--out", str(tmp_path / "o2")]) == 2
+    assert "not a model artifact" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_uneven_pruned_widths_fail_naming_the_layer_and_write_nothing(tiny, tmp_path, capsys):
+    from pqflow.methods.prune.format import FORMAT as PRUNED
+    from pqflow.methods.prune.surgery import SHAPES_KEY
+
+    model, tok = tiny
+    mlp = model.model.layers[1].mlp
+    keep = torch.arange(200)
+    for nm in ("gate_proj", "up_proj"):
+        old = getattr(mlp, nm)
+        new = torch.nn.Linear(old.in_features, 200, bias=False)
+        new.weight.data = old.weight.data[keep].clone()
+        setattr(mlp, nm, new)
+    old = mlp.down_proj
+    mlp.down_proj = torch.nn.Linear(200, old.out_features, bias=False)
+    mlp.down_proj.weight.data = old.weight.data[:, keep].clone()
+    setattr(model.config, SHAPES_KEY, [[4, 2, 384], [4, 2, 200], [4, 2, 384], [4, 2, 384]])
+    src = _publish_model(model, tok, tmp_path / "pruned", fmt=PRUNED)
+    out = tmp_path / "dense"
+    capsys.readouterr()
+    assert main(["export", src, "--format", "hf-dense", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".dense.partial-*"))
+
+
+def test_unknown_format_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "o")])
+    assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert MANIFEST == "manifest.json"
