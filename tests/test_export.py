@@ -146,3 +146,15 @@ def test_unknown_format_is_one_line(tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert MANIFEST == "manifest.json"
+
+
+def test_compressed_tensors_through_the_cli_is_a_verified_artifact(tiny, tmp_path):
+    src = _quantized(tiny, tmp_path, mixed=False)
+    out = tmp_path / "ct"
+    assert main(["export", src, "--format", "compressed-tensors", "--out", str(out)]) == 0
+    art = open_artifact(str(out))
+    summary = art.manifest["summary"]
+    assert summary["format"] == "compressed-tensors" and summary["compressed_tensors"] == "0.20.1"
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["version"] == "0.20.1"
+    assert art.manifest["bytes"] < open_artifact(src).manifest["bytes"] * 1.5

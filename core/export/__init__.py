@@ -19,6 +19,7 @@ from pqflow.errors import PqflowError
 # format name -> module under pqflow.export
 FORMATS: dict[str, str] = {
     "hf-dense": "hf_dense",
+    "compressed-tensors": "compressed_tensors",
 }
 
 Fallback = Literal["error", "widen", "requant"]

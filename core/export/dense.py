@@ -7,13 +7,17 @@ computes), and pruned widths are read off the layers. What the exports share.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
+from pqflow.export import ExportError
 from pqflow.methods.importance.common import decoder_layers
+from pqflow.methods.prune.surgery import SHAPES_KEY
 from pqflow.quant.linear import QuantEmbedding, QuantLinear, TiedQuantHead
 
 
@@ -86,3 +90,35 @@ def uniform_widths(model: nn.Module) -> tuple[LayerWidths | None, int | None]:
         if w != widths[0]:
             return None, i
     return (widths[0] if widths else None), None
+
+
+def _uneven(first: int, fmt: str) -> ExportError:
+    return ExportError(
+        f"model.layers.{first} has another width than model.layers.0 (pruned unevenly); {fmt} uses the standard "
+        "config with one width for every layer, and zero-padding or a per-layer-width architecture (deci / "
+        "Nemotron-NAS) is not implemented yet: prune with allocation 'uniform'")
+
+
+def check_uniform_shapes(src: Path, fmt: str) -> None:
+    """Fail before the model is loaded when its config lists uneven pruned widths."""
+    cfg_path = Path(src) / "config.json"
+    shapes = (json.loads(cfg_path.read_text()).get(SHAPES_KEY) if cfg_path.is_file() else None) or []
+    for i, shape in enumerate(shapes):
+        if shape != shapes[0]:
+            raise _uneven(i, fmt)
+
+
+def standard_config(model: nn.Module, fmt: str) -> None:
+    """Uniformly pruned widths go into the model's config (a standard one: no pqflow keys, no
+    quantization config); uneven widths have no place in it."""
+    width, first_uneven = uniform_widths(model)
+    if first_uneven is not None:
+        raise _uneven(first_uneven, fmt)
+    cfg = model.config
+    if width is not None:
+        cfg.head_dim = decoder_layers(model)[0].self_attn.head_dim  # not hidden / heads once heads are pruned
+        cfg.num_attention_heads, cfg.num_key_value_heads = width.n_heads, width.n_kv_heads
+        cfg.intermediate_size = width.intermediate
+    for key in (SHAPES_KEY, "quantization_config"):
+        if hasattr(cfg, key):
+            delattr(cfg, key)

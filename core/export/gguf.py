@@ -1,0 +1,490 @@
+"""``gguf``: one ``model.gguf`` for llama.cpp (arch ``llama``), tokenizer and metadata inside.
+
+pqflow's codes are written as GGUF blocks directly, never re-rounded: a block of 32 weights takes
+its group's scale (and zero point), so any group size that is a multiple of 32 (or one scale per
+row) maps block by block:
+
+- 4-bit asymmetric -> ``Q4_1``: ``w = d*q + m`` with ``d = scale`` and ``m = -scale*zero``. ``d``
+  is exact (scales are fp16); ``m`` is rounded once to fp16, so each weight is off by at most
+  half an fp16 ulp of ``scale*zero`` (relative 2**-11). That is the only loss in this format.
+- 4-bit symmetric -> ``Q4_0``: ``w = (q - 8)*d``, and pqflow's symmetric zero point is 8: exact.
+- 8-bit symmetric -> ``Q8_0``: ``w = int8*d`` with ``int8 = code - 128``: exact.
+
+Anything else (2/3-bit, asymmetric 8-bit, groups not a multiple of 32) raises
+:class:`ExportError` naming the layer, unless ``options.fallback`` is ``widen`` (a larger type that
+holds the codes without loss: ``Q4_0`` for symmetric <= 4 bits, else ``Q8_0`` when
+``code - zero`` fits an int8, else F16 when the weight is exactly an fp16, else F32) or
+``requant`` (gguf-py quantizes the dequantized weight to the nearest type it can write: ``Q4_0``/
+``Q4_1``/``Q5_0``/``Q5_1``/``Q8_0``; lossy, the summary lists the layers and their weight error;
+gguf-py cannot quantize k-quants). Norms are F32, other float tensors ``options.dtype``.
+
+Llama's q/k rows are permuted as llama.cpp's converter does (its rope pairs dimensions
+differently from transformers). The permutation moves whole rows, so it commutes with per-row
+groups: codes, scales and zeros are permuted together. A pruned model with the same width in every
+layer is a plain llama with the shrunk sizes; uneven widths fail with the first differing layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from torch import nn
+
+from pqflow.export import ExportError, ExportOptions
+from pqflow.export.dense import uniform_widths
+from pqflow.methods.importance.common import decoder_layers
+from pqflow.models import load_model_artifact
+from pqflow.quant.linear import QuantLinear, TiedQuantHead
+
+DESCRIPTION = "GGUF for llama.cpp: 4/8-bit codes as Q4_1/Q4_0/Q8_0 blocks, tokenizer and metadata in the file"
+ENGINES = ("llama.cpp",)
+GGUF_NAME = "model.gguf"
+QK = 32  # weights per block of Q4_0 / Q4_1 / Q8_0
+
+log = logging.getLogger(__name__)
+
+_FLOAT_TYPES = {"float16": QT.F16, "bfloat16": QT.BF16, "float32": QT.F32}
+_FILE_TYPES = {QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOSTLY_F16,
+               QT.BF16: gguf.LlamaFileType.MOSTLY_BF16, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+               QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+               QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+# (transformers module under a decoder layer, GGUF name under blk.N), in llama.cpp's order
+_LAYER_TENSORS = (
+    ("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+    ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+)
+
+
+@dataclass(frozen=True)
+class HParams:
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    context: int
+    rope_theta: float
+    rms_eps: float
+
+
+@dataclass
+class Encoded:
+    """A tensor as the writer takes it: ``data`` in ``qtype`` (uint8 bytes for block types)."""
+    data: np.ndarray
+    qtype: QT
+
+
+@dataclass
+class Report:
+    types: Counter = field(default_factory=Counter)
+    linear_types: Counter = field(default_factory=Counter)
+    widened: dict[str, str] = field(default_factory=dict)
+    requantized: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class _Writer(gguf.GGUFWriter):
+    """gguf-py refuses empty arrays, but a byte-level BPE without merges (the tiny tokenizer) has
+    exactly that, and llama.cpp's gpt2 vocab requires the merges key to exist."""
+
+    def _pack_val(self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool,
+                  sub_type: gguf.GGUFValueType | None = None) -> bytes:
+        if vtype == gguf.GGUFValueType.ARRAY and isinstance(val, Sequence) and len(val) == 0:
+            head = self._pack("I", vtype) if add_vtype else b""
+            return head + self._pack("I", sub_type or gguf.GGUFValueType.STRING) + self._pack("Q", 0)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+# -- model shape ------------------------------------------------------------------------------
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # a LoRA artifact loads as a PeftModel; its base model holds the (LoRA-wrapped) layers
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _rope_theta(cfg: Any) -> float:
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in (None, "default"):
+        raise ExportError(f"config: rope type '{kind}' is not written by this exporter (only default rope)")
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
+def _vocab_rows(emb: nn.Module) -> int:
+    return emb.out_features if isinstance(emb, QuantLinear) else emb.weight.shape[0]  # QuantEmbedding: [vocab, dim]
+
+
+def hparams(model: nn.Module) -> HParams:
+    """llama.cpp's hyper-parameters, read off the layers (pruned sizes included)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) != "llama":
+        raise ExportError(f"config: model_type '{getattr(cfg, 'model_type', None)}' is not llama; "
+                          "the gguf export writes arch 'llama' only")
+    if getattr(cfg, "mlp_bias", False):
+        raise ExportError("model.layers.0.mlp: MLP biases have no place in llama.cpp's llama arch")
+    width, first_uneven = uniform_widths(model)
+    if first_uneven is not None:
+        raise ExportError(
+            f"model.layers.{first_uneven} has another width than model.layers.0 (pruned unevenly); llama.cpp's "
+            "llama arch holds one width for every layer (per-layer widths need arch 'deci', not written yet): "
+            "prune with allocation 'uniform' for gguf")
+    layers = decoder_layers(model)
+    attn = layers[0].self_attn
+    return HParams(
+        n_layers=len(layers), hidden=attn.q_proj.in_features, n_heads=width.n_heads,
+        n_kv_heads=width.n_kv_heads, head_dim=attn.head_dim, intermediate=width.intermediate,
+        vocab=_vocab_rows(model.get_input_embeddings()),
+        context=int(cfg.max_position_embeddings), rope_theta=_rope_theta(cfg), rms_eps=float(cfg.rms_norm_eps))
+
+
+def rope_permutation(rows: int, n_head: int) -> np.ndarray:
+    """Row order of llama.cpp's converter (``LlamaModel.permute``): within each head, the two
+    rope halves are interleaved. ``permuted[i] = original[perm[i]]``."""
+    idx = np.arange(rows)
+    return idx.reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+
+
+# -- weights ----------------------------------------------------------------------------------
+
+def _quant_parts(mod: QuantLinear, perm: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes uint8 [out, in], scales float32 [out, groups], zero points float32 [out, groups])."""
+    codes = mod.codes().cpu().numpy()
+    scales = mod.scales.detach().float().cpu().numpy()
+    zeros = mod.zero_points(torch.float32).cpu().numpy()
+    if perm is not None:
+        codes, scales, zeros = codes[perm], scales[perm], zeros[perm]
+    return codes, scales, zeros
+
+
+def _block_params(scales: np.ndarray, zeros: np.ndarray, in_features: int,
+                  group_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each 32-block's (scale, zero) ``[out, in/32]``: the group of its first column (blocks never
+    straddle groups when the group size is a multiple of 32)."""
+    first_cols = np.arange(in_features // QK) * QK
+    g = first_cols // group_size if group_size is not None else np.zeros_like(first_cols)
+    return scales[:, g], zeros[:, g]
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)[..., None].view(np.uint8)  # [..., 2], little-endian like the file
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """ggml's 4-bit layout: byte j of a block holds weight j (low) and weight j+16 (high)."""
+    return q[..., : QK // 2] | (q[..., QK // 2:] << np.uint8(4))
+
+
+def _blocks(codes: np.ndarray) -> np.ndarray:
+    return codes.reshape(codes.shape[0], -1, QK)
+
+
+def pack_q4_1(codes: np.ndarray, d: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    # d*z is exact in float32 (11-bit scale times a zero point below 2**8), so m is rounded once
+    m = -(d.astype(np.float32) * zero.astype(np.float32))
+    out = np.concatenate([_fp16_bytes(d), _fp16_bytes(m), _nibbles(_blocks(codes))], axis=-1)
+    return out.reshape(codes.shape[0], -1)
+
+
+def pack_q4_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``q`` already offset so that the weight is ``(q - 8) * d``."""
+    out = np.concatenate([_fp16_bytes(d), _nibbles(_blocks(q))], axis=-1)
+    return out.reshape(q.shape[0], -1)
+
+
+def pack_q8_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``q`` int8 with the weight ``q * d``."""
+    out = np.concatenate([_fp16_bytes(d), _blocks(q.astype(np.int8)).view(np.uint8)], axis=-1)
+    return out.reshape(q.shape[0], -1)
+
+
+def _block_aligned(mod: QuantLinear) -> str | None:
+    """Why the layer's groups cannot map onto 32-blocks, or None when they can."""
+    if mod.in_features % QK:
+        return f"{mod.in_features} input features are not a multiple of {QK}"
+    if mod.group_size is not None and mod.group_size % QK:
+        return f"group size {mod.group_size} is not a multiple of {QK}"
+    return None
+
+
+def exact_type(mod: QuantLinear) -> tuple[QT | None, str]:
+    """The GGUF type that holds the layer's codes as they are, or (None, the reason)."""
+    why = _block_aligned(mod)
+    if why is not None:
+        return None, why
+    if mod.bits == 4:
+        return (QT.Q4_0, "") if mod.symmetric else (QT.Q4_1, "")
+    if mod.bits == 8 and mod.symmetric:
+        return QT.Q8_0, ""
+    kind = "symmetric" if mod.symmetric else "asymmetric"
+    return None, (f"{mod.bits}-bit {kind} codes have no exact GGUF type (exact: 4-bit asymmetric -> Q4_1, "
+                  "4-bit symmetric -> Q4_0, 8-bit symmetric -> Q8_0)")
+
+
+def encode_exact(mod: QuantLinear, qtype: QT, perm: np.ndarray | None) -> Encoded:
+    codes, scales, zeros = _quant_parts(mod, perm)
+    d, z = _block_params(scales, zeros, mod.in_features, mod.group_size)
+    if qtype == QT.Q4_1:
+        return Encoded(pack_q4_1(codes, d, z), qtype)
+    if qtype == QT.Q4_0:  # pqflow's symmetric zero point is 8 at 4 bits, ggml's offset too
+        return Encoded(pack_q4_0(codes, d), qtype)
+    # Q8_0: symmetric zero point 128, so code - 128 is the int8 ggml stores
+    return Encoded(pack_q8_0(codes.astype(np.int16) - 128, d), qtype)
+
+
+def _dequantized(mod: QuantLinear, perm: np.ndarray | None) -> np.ndarray:
+    w = mod.dequantize(torch.float32).detach().cpu().numpy()
+    return w[perm] if perm is not None else w
+
+
+def encode_widened(mod: QuantLinear, perm: np.ndarray | None) -> Encoded:
+    """The smallest type that holds the codes without any loss."""
+    if _block_aligned(mod) is None:
+        codes, scales, zeros = _quant_parts(mod, perm)
+        d, z = _block_params(scales, zeros, mod.in_features, mod.group_size)
+        zcol = np.repeat(z, QK, axis=1)
+        diff = codes.astype(np.int16) - zcol.astype(np.int16)
+        if mod.symmetric and mod.bits <= 4:  # (code - zero) in [-8, 7]: Q4_0's range
+            return Encoded(pack_q4_0((diff + 8).astype(np.uint8), d), QT.Q4_0)
+        if diff.min() >= -128 and diff.max() <= 127:
+            return Encoded(pack_q8_0(diff, d), QT.Q8_0)
+    w = _dequantized(mod, perm)
+    if np.array_equal(w.astype(np.float16).astype(np.float32), w):
+        return Encoded(w.astype(np.float16), QT.F16)
+    return Encoded(w.astype(np.float32), QT.F32)
+
+
+def requant_type(mod: QuantLinear) -> QT:
+    if mod.in_features % QK:
+        return QT.F16
+    if mod.bits <= 4:
+        return QT.Q4_0 if mod.symmetric else QT.Q4_1
+    if mod.bits == 5:
+        return QT.Q5_0 if mod.symmetric else QT.Q5_1
+    return QT.Q8_0
+
+
+def encode_requant(mod: QuantLinear, perm: np.ndarray | None) -> tuple[Encoded, float]:
+    """gguf-py's quantizer on the dequantized weight; returns the relative weight error too."""
+    w = _dequantized(mod, perm)
+    qtype = requant_type(mod)
+    data = gguf.quants.quantize(w, qtype)
+    back = gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float64)
+    err = float(np.linalg.norm(back - w) / max(np.linalg.norm(w), 1e-30))
+    return Encoded(data, qtype), err
+
+
+def encode_float(w: torch.Tensor, dtype: str, perm: np.ndarray | None = None) -> Encoded:
+    arr = w.detach().float().cpu().numpy()
+    if perm is not None:
+        arr = arr[perm]
+    qtype = _FLOAT_TYPES[dtype]
+    if qtype == QT.BF16:
+        return Encoded(gguf.quants.quantize(arr, QT.BF16), qtype)
+    return Encoded(arr.astype(np.float16 if qtype == QT.F16 else np.float32), qtype)
+
+
+def _lora_weight(mod: nn.Module) -> torch.Tensor | None:
+    """A LoRA-wrapped linear's folded float weight (``W + B A * scaling``), None for others."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    if not isinstance(mod, LoraLayer):
+        return None
+    base = mod.get_base_layer()
+    w = base.dequantize(torch.float32) if isinstance(base, QuantLinear) else base.weight.detach().float()
+    for adapter in mod.active_adapters:
+        if adapter in mod.lora_A:
+            w = w + mod.get_delta_weight(adapter).float()
+    return w
+
+
+def encode_module(name: str, mod: nn.Module, perm: np.ndarray | None, options: ExportOptions,
+                  report: Report) -> Encoded:
+    """One linear or embedding weight: packed codes mapped exactly, or the user's fallback."""
+    folded = _lora_weight(mod)
+    if folded is not None:
+        return encode_float(folded, options.dtype, perm)
+    if not isinstance(mod, QuantLinear):
+        return encode_float(mod.weight, options.dtype, perm)
+    qtype, why = exact_type(mod)
+    if qtype is not None:
+        return encode_exact(mod, qtype, perm)
+    if options.fallback == "widen":
+        enc = encode_widened(mod, perm)
+        report.widened[name] = enc.qtype.name
+        return enc
+    if options.fallback == "requant":
+        enc, err = encode_requant(mod, perm)
+        report.requantized[name] = {"type": enc.qtype.name, "rel_weight_error": err,
+                                    "from": f"{mod.bits}-bit g{mod.group_size or 'channel'}"}
+        log.warning("%s: re-quantized to %s (lossy, relative weight error %.2e)", name, enc.qtype.name, err)
+        return enc
+    raise ExportError(f"{name}: {why}; pass the fallback 'widen' (lossless, larger) or 'requant' (lossy)")
+
+
+def _bias(mod: nn.Module) -> torch.Tensor | None:
+    base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+    return getattr(base, "bias", None)
+
+
+def _is_tied(model: nn.Module) -> bool:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or isinstance(head, TiedQuantHead):
+        return True
+    w = getattr(head, "weight", None)
+    return w is not None and hasattr(emb, "weight") and w.data_ptr() == emb.weight.data_ptr()
+
+
+def collect_tensors(model: nn.Module, hp: HParams, options: ExportOptions,
+                    report: Report) -> list[tuple[str, Encoded]]:
+    """Every tensor llama.cpp's llama arch reads, named and ordered as its converter writes them."""
+    out: list[tuple[str, Encoded]] = []
+    inner = getattr(model, "model", model)
+    out.append(("token_embd.weight", encode_module("model.embed_tokens", inner.embed_tokens, None, options, report)))
+    perms = {"attn_q": rope_permutation(hp.n_heads * hp.head_dim, hp.n_heads),
+             "attn_k": rope_permutation(hp.n_kv_heads * hp.head_dim, hp.n_kv_heads)}
+    for i, layer in enumerate(decoder_layers(model)):
+        for hf_name, gg_name in _LAYER_TENSORS:
+            mod = layer.get_submodule(hf_name)
+            full = f"model.layers.{i}.{hf_name}"
+            if gg_name.endswith("_norm"):
+                out.append((f"blk.{i}.{gg_name}.weight", Encoded(mod.weight.detach().float().numpy(), QT.F32)))
+                continue
+            perm = perms.get(gg_name)
+            enc = encode_module(full, mod, perm, options, report)
+            report.linear_types[enc.qtype.name] += 1
+            out.append((f"blk.{i}.{gg_name}.weight", enc))
+            bias = _bias(mod)
+            if bias is not None:
+                b = bias.detach().float().numpy()
+                out.append((f"blk.{i}.{gg_name}.bias", Encoded(b[perm] if perm is not None else b, QT.F32)))
+    out.append(("output_norm.weight", Encoded(inner.norm.weight.detach().float().numpy(), QT.F32)))
+    if not _is_tied(model):
+        enc = encode_module("lm_head", model.get_output_embeddings(), None, options, report)
+        report.linear_types[enc.qtype.name] += 1
+        out.append(("output.weight", enc))
+    for _, enc in out:
+        report.types[enc.qtype.name] += 1
+    return out
+
+
+# -- metadata and tokenizer -------------------------------------------------------------------
+
+def write_metadata(writer: gguf.GGUFWriter, hp: HParams, name: str, file_type: QT) -> None:
+    writer.add_name(name)
+    writer.add_context_length(hp.context)
+    writer.add_embedding_length(hp.hidden)
+    writer.add_block_count(hp.n_layers)
+    writer.add_feed_forward_length(hp.intermediate)
+    writer.add_head_count(hp.n_heads)
+    writer.add_head_count_kv(hp.n_kv_heads)
+    # explicit: after head pruning head_dim != hidden / heads, llama.cpp's default
+    writer.add_key_length(hp.head_dim)
+    writer.add_value_length(hp.head_dim)
+    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_vocab_size(hp.vocab)
+    writer.add_file_type(_FILE_TYPES[file_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
+    """llama.cpp's name for a byte-level pre-tokenizer, read off tokenizer.json's structure
+    (convert_hf_to_gguf hashes a probe text instead, which needs its table of known hashes)."""
+    parts = (pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]) if pre else []
+    kinds = [p.get("type") for p in parts]
+    digits = any(p.get("type") == "Digits" and p.get("individual_digits") for p in parts)
+    if "ByteLevel" not in kinds:
+        raise ExportError(f"tokenizer: pre-tokenizer {kinds or 'none'} is not byte-level; only gpt2-style "
+                          "byte-level BPE tokenizers are written")
+    if digits and kinds == ["Digits", "ByteLevel"]:
+        return "smollm"  # digits one by one, then gpt2's regex: llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM
+    if kinds == ["ByteLevel"]:
+        return "gpt2"  # without merges (the tiny tokenizer) every split gives the same byte tokens
+    raise ExportError(f"tokenizer: pre-tokenizer sequence {kinds} has no known llama.cpp name")
+
+
+def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, n_vocab: int) -> dict[str, Any]:
+    """tokenizer.ggml.* as convert_hf_to_gguf's gpt2 vocab: tokens, types, merges, special ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("tokenizer: not a fast (tokenizers) tokenizer; gguf needs its tokenizer.json")
+    spec = json.loads(backend.to_str())
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ExportError(f"tokenizer: model {spec.get('model', {}).get('type')} is not BPE")
+    pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= n_vocab:
+        raise ExportError(f"tokenizer: token id {max(vocab.values())} is past the embedding's {n_vocab} rows")
+    reverse = {i: t for t, i in vocab.items()}
+    added, decoder = tokenizer.get_added_vocab(), tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in reverse:  # embedding rows past the tokenizer: padding, as the converter names them
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tok = reverse[i]
+        tokens.append(tok)
+        if tok in added:
+            types.append(gguf.TokenType.CONTROL if decoder[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if not special.merges:
+        # the key must exist for llama.cpp's gpt2 vocab; add_token_merges skips empty lists
+        writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.STRING)
+        special.load_merges = False  # nothing to add, and no "no merges found" warning
+    special.add_to_gguf(writer, quiet=True)
+    return {"tokenizer_pre": pre, "merges": len(special.merges), "special_ids": special.special_token_ids}
+
+
+# -- the format -------------------------------------------------------------------------------
+
+def export(src: Path, out: Path, options: ExportOptions) -> dict[str, Any]:
+    loaded = load_model_artifact(src)
+    model = _unwrap(loaded.model)
+    hp = hparams(model)
+    report = Report()
+    # every tensor is encoded (and every error raised) before the file is opened
+    tensors = collect_tensors(model, hp, options, report)
+    file_type = QT[report.linear_types.most_common(1)[0][0]]
+    path = out / GGUF_NAME
+    writer = _Writer(path, "llama")
+    write_metadata(writer, hp, Path(src).name or "pqflow", file_type)
+    tok = write_tokenizer(writer, loaded.tokenizer, hp.vocab)
+    for name, enc in tensors:
+        writer.add_tensor(name, enc.data, raw_dtype=enc.qtype if enc.data.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {
+        "file": GGUF_NAME, "arch": "llama", "file_type": file_type.name, "gguf_bytes": path.stat().st_size,
+        "tensor_types": dict(sorted(report.types.items())), "linear_types": dict(sorted(report.linear_types.items())),
+        "fallback": options.fallback, "widened": report.widened, "requantized": report.requantized,
+        "lossless": not report.requantized, "n_layers": hp.n_layers, "n_heads": hp.n_heads,
+        "n_kv_heads": hp.n_kv_heads, "intermediate": hp.intermediate, **tok,
+    }
