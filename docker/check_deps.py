@@ -66,7 +66,12 @@ print(float(m.predict(pd.DataFrame({"text": [load_text(ev.data.source, "test", e
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, check=True, text=True, **kw)
+    done = subprocess.run(cmd, text=True, **kw)
+    if done.returncode:
+        # a captured stderr would otherwise be lost: the caller only sees the exit status
+        raise SystemExit(f"command failed with exit status {done.returncode}: {' '.join(cmd)[:300]}\n"
+                         f"{(done.stderr or '')[-4000:]}")
+    return done
 
 
 def check(stage: str, work: Path, recipe: Path, keep: bool = False, record: bool = False) -> dict:

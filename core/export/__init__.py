@@ -20,6 +20,7 @@ from pqflow.errors import PqflowError
 FORMATS: dict[str, str] = {
     "hf-dense": "hf_dense",
     "compressed-tensors": "compressed_tensors",
+    "gguf": "gguf",
 }
 
 Fallback = Literal["error", "widen", "requant"]

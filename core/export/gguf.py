@@ -415,7 +415,7 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     if digits and kinds == ["Digits", "ByteLevel"]:
         return "smollm"  # digits one by one, then gpt2's regex: llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM
     if kinds == ["ByteLevel"]:
-        return "gpt2"  # without merges (the tiny tokenizer) every split gives the same byte tokens
+        return "gpt-2"  # without merges (the tiny tokenizer) every split gives the same byte tokens
     raise ExportError(f"tokenizer: pre-tokenizer sequence {kinds} has no known llama.cpp name")
 
 
