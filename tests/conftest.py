@@ -34,6 +34,20 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("PQFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(autouse=True)
+def _no_mlflow_uri_leak():
+    """mlflow.set_tracking_uri / set_registry_uri export their URI: a test that points them at a
+    server it then stops must not send later tests (and their subprocesses) there."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def tiny():
     """(model, tokenizer) of the seeded tiny random Llama (GQA: 4 heads, 2 KV heads, 4 layers)."""

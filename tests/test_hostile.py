@@ -1260,8 +1260,10 @@ def test_mlflow_server_gone_mid_run_is_one_error(tiny_recipe, tmp_path, monkeypa
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # keep the test fast
     uri = f"http://127.0.0.1:{services.free_port()}"  # nothing listens: the server "died"
-    # mlflow.set_tracking_uri exports it; setenv first so that monkeypatch removes it afterwards
+    # mlflow.set_tracking_uri / set_registry_uri export these; setenv first so that monkeypatch
+    # removes them afterwards
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     client = tracking.configure(uri)
     outcome = StageOutcome("calibrate", f"file://{tmp_path}/calibrate", {"summary": {"n": 1}}, False, 1.0)
     calls = {
