@@ -42,7 +42,7 @@ from gguf import GGMLQuantizationType as QT
 from torch import nn
 
 from pqflow.export import ExportError, ExportOptions
-from pqflow.export.dense import uniform_widths
+from pqflow.export.dense import check_uniform_shapes, uniform_widths
 from pqflow.methods.importance.common import decoder_layers
 from pqflow.models import load_model_artifact
 from pqflow.quant.linear import QuantLinear, TiedQuantHead
@@ -464,6 +464,7 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, n_vocab: int) -> di
 # -- the format -------------------------------------------------------------------------------
 
 def export(src: Path, out: Path, options: ExportOptions) -> dict[str, Any]:
+    check_uniform_shapes(src, "gguf (arch llama)")  # before the model is loaded
     loaded = load_model_artifact(src)
     model = _unwrap(loaded.model)
     hp = hparams(model)
