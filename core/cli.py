@@ -244,7 +244,8 @@ def _remote_args(s: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from pqflow.export import ExportOptions, export_artifact
 
-    res = export_artifact(args.model, args.format, args.out, ExportOptions(fallback=args.fallback, dtype=args.dtype),
+    res = export_artifact(args.model, args.format, args.out, ExportOptions(fallback=args.fallback, dtype=args.dtype,
+                                                                       uneven=args.uneven),
                           force=args.force)
     print(json.dumps(res, indent=2))
     return 0
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "type without loss, or re-quantize it to the format's nearest type (lossy, reported)")
     s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of float tensors")
+    s.add_argument("--uneven", choices=["error", "pad"], default="error",
+                   help="a model pruned to other widths in different layers: fail (default), or zero-pad every "
+                   "layer to the widest (exact and small on disk; the padded heads and channels are computed)")
     s.add_argument("--force", action="store_true", help="export even if the output is up to date")
     s.set_defaults(fn=cmd_export)
 

@@ -24,6 +24,7 @@ FORMATS: dict[str, str] = {
 }
 
 Fallback = Literal["error", "widen", "requant"]
+Uneven = Literal["error", "pad"]
 
 
 class ExportError(PqflowError):
@@ -34,10 +35,14 @@ class ExportError(PqflowError):
 class ExportOptions:
     """``fallback``: what to do with a layer the format cannot hold exactly: ``error`` (default),
     ``widen`` (a larger type that holds it without loss) or ``requant`` (the nearest type of the
-    format, lossy: the export warns and reports the ppl change). ``dtype``: float tensors' dtype."""
+    format, lossy: the export warns and reports the ppl change). ``dtype``: float tensors' dtype.
+    ``uneven``: a model pruned to other widths in different layers: ``error`` (default) or ``pad``
+    (zero rows and columns up to the widest layer: exact and small on disk, but the padded heads and
+    channels are computed again)."""
 
     fallback: Fallback = "error"
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    uneven: Uneven = "error"
 
 
 def format_module(name: str) -> ModuleType:
@@ -72,7 +77,7 @@ def export_artifact(model_uri: str, fmt: str, out_uri: str, options: ExportOptio
     src = open_artifact(model_uri)
     if not (src.path / MODEL_META).is_file():
         raise PqflowError(f"{model_uri} is not a model artifact (no {MODEL_META}); export takes a model")
-    params = {"format": fmt, "fallback": options.fallback, "dtype": options.dtype}
+    params = {"format": fmt, "fallback": options.fallback, "dtype": options.dtype, "uneven": options.uneven}
     fp = canonical_digest({"stage": "export", "params": params, "inputs": {"model": src.digest},
                            "pqflow": __version__})
     existing = read_manifest(out_uri)
