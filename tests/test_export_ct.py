@@ -135,7 +135,7 @@ def test_uneven_pruned_widths_fail_and_uniform_ones_go_into_the_config(tiny, tmp
     model, tok = tiny
     _prune_mlp(model, [384, 256, 384, 384])
     src = _artifact((model, tok), tmp_path / "uneven")
-    with pytest.raises(ExportError, match=r"^model\.layers\.1 has another width.*not implemented yet"):
+    with pytest.raises(ExportError, match=r"^model\.layers\.1 has another width.*--uneven pad"):
         _export(src, tmp_path / "ct")
     from pqflow.tiny import tiny_llama
 
@@ -222,3 +222,28 @@ def test_exports_score_pqflow_ppl_in_clean_transformers_venv(tmp_path):
         assert abs(theirs[name]["ppl"] - ours[name]) / ours[name] < 1e-3, (name, theirs[name], ours[name])
     # one config group (with or without zero points): transformers' own from_pretrained reads it
     assert all(theirs[n]["loader"] == "from_pretrained" for n in ("rtn-4g64", "rtn-8pc", "rtn-3g64"))
+
+
+def test_padded_uneven_export_scores_pqflow_ppl_in_clean_transformers_venv(tiny, tmp_path):
+    from pqflow.methods.prune.plan import PrunePlan
+    from pqflow.methods.prune.surgery import apply_plan
+
+    from .test_export_pad import SCHEMES, UNEVEN
+
+    py = _clean_venv()
+    model, tok = tiny
+    apply_plan(model, PrunePlan(keep=UNEVEN))
+    src = _artifact((model, tok), tmp_path / "uneven", bits=4, group=32, extra=SCHEMES)
+    summary = _export(src, tmp_path / "ct", dtype="float32", uneven="pad")
+    assert summary["padded"]["layers"] == [1, 2, 3]
+    loaded = load_model_artifact(src)
+    windows = eval_windows(tokenize(loaded.tokenizer, load_text("wikitext2", "test")), 128, 4)
+    ours = perplexity(loaded.model, windows, progress=False).ppl
+    (tmp_path / "ids.json").write_text(json.dumps(windows.tolist()))
+    job = {"ids": str(tmp_path / "ids.json"), "exports": {"padded": str(tmp_path / "ct")}}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    res = subprocess.run([str(py), str(SCORE), str(tmp_path / "job.json")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])["padded"]
+    assert abs(theirs["ppl"] - ours) / ours < 1e-3, (theirs, ours)

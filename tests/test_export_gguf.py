@@ -65,9 +65,10 @@ def _quantized(tiny, tmp_path: Path, group_size: int = 64, overrides: dict | Non
 
 
 def _export(src: Path, tmp_path: Path, fallback: str = "error", dtype: str = "float16",
-            name: str = "gguf") -> tuple[Path, dict]:
+            name: str = "gguf", uneven: str = "error") -> tuple[Path, dict]:
     out = tmp_path / name
-    summary = export_artifact(str(src), "gguf", str(out), ExportOptions(fallback=fallback, dtype=dtype))
+    summary = export_artifact(str(src), "gguf", str(out), ExportOptions(fallback=fallback, dtype=dtype,
+                                                                         uneven=uneven))
     return out / gx.GGUF_NAME, summary
 
 
@@ -236,7 +237,7 @@ def _pruned(tiny, tmp_path: Path, shapes) -> Path:
 
 def test_uneven_widths_fail_naming_the_layer(tiny, tmp_path):
     src = _pruned(tiny, tmp_path, [(4, 2, 384), (4, 2, 256), (4, 2, 384), (4, 2, 384)])
-    with pytest.raises(ExportError, match=r"^model.layers.1 has another width .*deci"):
+    with pytest.raises(ExportError, match=r"^model.layers.1 has another width .*--uneven pad"):
         _export(src, tmp_path)
     assert not (tmp_path / "gguf").exists()
 
@@ -319,3 +320,22 @@ def test_llama_cpp_loads_a_pruned_float_export(tiny, tmp_path):
     llm.close()
     # measured 1.2e-3 of the logits' spread (llama.cpp keeps its KV cache in fp16)
     assert np.abs(got - ref).max() < 0.01 * ref.std(), (np.abs(got - ref).max(), ref.std())
+
+
+def test_llama_cpp_scores_a_padded_uneven_export_like_pqflow(tiny, tmp_path):
+    # widths pruned unevenly (GQA groups, query heads per group, MLP), padded to the widest layer
+    from pqflow.methods.prune.plan import PrunePlan
+    from pqflow.methods.prune.surgery import apply_plan
+
+    from .test_export_pad import UNEVEN
+
+    _llama_cpp()
+    model, tok = tiny
+    apply_plan(model, PrunePlan(keep=UNEVEN))
+    src = _quantized((model, tok), tmp_path, group_size=32)
+    path, summary = _export(src, tmp_path, uneven="pad")
+    assert summary["padded"]["layers"] == [1, 2, 3] and summary["linear_types"] == {"Q4_1": 28}
+    ours, windows = _pqflow_ppl(src)
+    theirs = _engine_ppl(path, windows)
+    print(f"uneven widths, padded, 4-bit g32 asym: pqflow ppl {ours:.4f}, llama.cpp ppl {theirs:.4f}")
+    assert abs(theirs - ours) / ours < 0.005, (theirs, ours)

@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pqflow.export import ExportError, ExportOptions
-from pqflow.export.dense import check_uniform_shapes, densify, standard_config
-from pqflow.models import DTYPES, load_model_artifact
+from pqflow.export.dense import densify, load_for_export, standard_config
+from pqflow.models import DTYPES
 from pqflow.quant.linear import QuantEmbedding, QuantLinear
 
 DESCRIPTION = "compressed-tensors pack-quantized folder (transformers + compressed-tensors, vLLM)"
@@ -164,8 +164,7 @@ def export(src: Path, out: Path, options: ExportOptions) -> dict[str, Any]:
     from compressed_tensors.compressors import ModelCompressor
 
     dtype = DTYPES[options.dtype]
-    check_uniform_shapes(src, "compressed-tensors")
-    loaded = load_model_artifact(src)
+    loaded, padded = load_for_export(src, "compressed-tensors", options)
     model = loaded.model
     _check_supported(model)
     standard_config(model, "compressed-tensors")
@@ -201,6 +200,7 @@ def export(src: Path, out: Path, options: ExportOptions) -> dict[str, Any]:
         "ignored_float_linears": len(ignore),
         "dtype": options.dtype,
         "transformers_loader": loader_hint,
+        **({"padded": padded} if padded else {}),
     }
 
 

@@ -15,9 +15,10 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from pqflow.export import ExportError
+from pqflow.export import ExportError, ExportOptions
 from pqflow.methods.importance.common import decoder_layers
 from pqflow.methods.prune.surgery import SHAPES_KEY
+from pqflow.models import LoadedModel, load_model_artifact
 from pqflow.quant.linear import QuantEmbedding, QuantLinear, TiedQuantHead
 
 
@@ -95,17 +96,30 @@ def uniform_widths(model: nn.Module) -> tuple[LayerWidths | None, int | None]:
 def _uneven(first: int, fmt: str) -> ExportError:
     return ExportError(
         f"model.layers.{first} has another width than model.layers.0 (pruned unevenly); {fmt} uses the standard "
-        "config with one width for every layer, and zero-padding or a per-layer-width architecture (deci / "
-        "Nemotron-NAS) is not implemented yet: prune with allocation 'uniform'")
+        "config with one width for every layer: export with --uneven pad (recipe export.uneven: pad) to zero-pad "
+        "every layer to the widest, or prune with allocation 'uniform'")
 
 
-def check_uniform_shapes(src: Path, fmt: str) -> None:
-    """Fail before the model is loaded when its config lists uneven pruned widths."""
+def check_uniform_shapes(src: Path, fmt: str, options: ExportOptions | None = None) -> None:
+    """Fail before the model is loaded when its config lists uneven pruned widths (unless padding)."""
+    if options is not None and options.uneven == "pad":
+        return
     cfg_path = Path(src) / "config.json"
     shapes = (json.loads(cfg_path.read_text()).get(SHAPES_KEY) if cfg_path.is_file() else None) or []
     for i, shape in enumerate(shapes):
         if shape != shapes[0]:
             raise _uneven(i, fmt)
+
+
+def load_for_export(src: Path, fmt: str, options: ExportOptions) -> tuple[LoadedModel, dict | None]:
+    """The model at ``src``, checked for uneven widths before it loads and padded when asked:
+    (the loaded model, the padding summary or None)."""
+    from pqflow.export.pad import pad_uniform
+
+    check_uniform_shapes(src, fmt, options)
+    loaded = load_model_artifact(src)
+    padded = pad_uniform(loaded.model) if options.uneven == "pad" else None
+    return loaded, padded
 
 
 def standard_config(model: nn.Module, fmt: str) -> None:

@@ -42,9 +42,8 @@ from gguf import GGMLQuantizationType as QT
 from torch import nn
 
 from pqflow.export import ExportError, ExportOptions
-from pqflow.export.dense import check_uniform_shapes, uniform_widths
+from pqflow.export.dense import load_for_export, uniform_widths
 from pqflow.methods.importance.common import decoder_layers
-from pqflow.models import load_model_artifact
 from pqflow.quant.linear import QuantLinear, TiedQuantHead
 
 DESCRIPTION = "GGUF for llama.cpp: 4/8-bit codes as Q4_1/Q4_0/Q8_0 blocks, tokenizer and metadata in the file"
@@ -464,8 +463,7 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, n_vocab: int) -> di
 # -- the format -------------------------------------------------------------------------------
 
 def export(src: Path, out: Path, options: ExportOptions) -> dict[str, Any]:
-    check_uniform_shapes(src, "gguf (arch llama)")  # before the model is loaded
-    loaded = load_model_artifact(src)
+    loaded, padded = load_for_export(src, "gguf (arch llama)", options)
     model = _unwrap(loaded.model)
     hp = hparams(model)
     report = Report()
@@ -488,4 +486,5 @@ def export(src: Path, out: Path, options: ExportOptions) -> dict[str, Any]:
         "fallback": options.fallback, "widened": report.widened, "requantized": report.requantized,
         "lossless": not report.requantized, "n_layers": hp.n_layers, "n_heads": hp.n_heads,
         "n_kv_heads": hp.n_kv_heads, "intermediate": hp.intermediate, **tok,
+        **({"padded": padded} if padded else {}),
     }
