@@ -209,6 +209,27 @@ def test_requant_is_lossy_and_listed(tiny, tmp_path):
     assert all(0 < r["rel_weight_error"] < 0.2 for r in req.values()), req
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types["blk.1.attn_output.weight"] == "Q4_1" and types["blk.0.ffn_up.weight"] == "Q4_1"
+    # the ppl change is measured with the weights the file holds, beside pqflow's own ppl
+    cost = summary["requant_ppl"]
+    assert cost["measured"] and cost["windows"] > 0 and cost["ppl_requant"] != cost["ppl"]
+    ours = perplexity(load_model_artifact(src).model, eval_windows(
+        tokenize(load_model_artifact(src).tokenizer, load_text("wikitext2", "test")), cost["seqlen"], cost["windows"]),
+        progress=False).ppl
+    assert abs(cost["ppl"] - ours) / ours < 1e-5
+    assert cost["change_pct"] == pytest.approx(100 * (cost["ppl_requant"] - ours) / ours, rel=1e-3)
+
+
+def test_requant_cost_is_reported_as_unmeasured_without_the_text(tiny, tmp_path, monkeypatch):
+    from pqflow import data
+    from pqflow.errors import PqflowError
+
+    def offline(*a, **k):
+        raise PqflowError("wikitext2: no local copy and the hub is unreachable")
+
+    monkeypatch.setattr(data, "load_text", offline)
+    src = _quantized(tiny, tmp_path, overrides=ODD)
+    _, summary = _export(src, tmp_path, fallback="requant")
+    assert summary["requant_ppl"] == {"measured": False, "why": "wikitext2: no local copy and the hub is unreachable"}
 
 
 def _prune(model, shapes: list[tuple[int, int, int]]) -> None:

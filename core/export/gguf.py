@@ -94,6 +94,8 @@ class Report:
     linear_types: Counter = field(default_factory=Counter)
     widened: dict[str, str] = field(default_factory=dict)
     requantized: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the weights llama.cpp will compute with for each re-quantized layer, to measure what they cost
+    requant_weights: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class _Writer(gguf.GGUFWriter):
@@ -277,14 +279,17 @@ def requant_type(mod: QuantLinear) -> QT:
     return QT.Q8_0
 
 
-def encode_requant(mod: QuantLinear, perm: np.ndarray | None) -> tuple[Encoded, float]:
-    """gguf-py's quantizer on the dequantized weight; returns the relative weight error too."""
+def encode_requant(mod: QuantLinear, perm: np.ndarray | None) -> tuple[Encoded, float, np.ndarray]:
+    """gguf-py's quantizer on the dequantized weight; returns the relative weight error and the
+    weight it dequantizes to (in the model's row order) too."""
     w = _dequantized(mod, perm)
     qtype = requant_type(mod)
     data = gguf.quants.quantize(w, qtype)
-    back = gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float64)
-    err = float(np.linalg.norm(back - w) / max(np.linalg.norm(w), 1e-30))
-    return Encoded(data, qtype), err
+    back = gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float32)
+    err = float(np.linalg.norm(back.astype(np.float64) - w) / max(np.linalg.norm(w), 1e-30))
+    if perm is not None:
+        back = back[np.argsort(perm)]
+    return Encoded(data, qtype), err, back
 
 
 def encode_float(w: torch.Tensor, dtype: str, perm: np.ndarray | None = None) -> Encoded:
@@ -327,9 +332,10 @@ def encode_module(name: str, mod: nn.Module, perm: np.ndarray | None, options: E
         report.widened[name] = enc.qtype.name
         return enc
     if options.fallback == "requant":
-        enc, err = encode_requant(mod, perm)
+        enc, err, back = encode_requant(mod, perm)
         report.requantized[name] = {"type": enc.qtype.name, "rel_weight_error": err,
                                     "from": f"{mod.bits}-bit g{mod.group_size or 'channel'}"}
+        report.requant_weights[name] = back
         log.warning("%s: re-quantized to %s (lossy, relative weight error %.2e)", name, enc.qtype.name, err)
         return enc
     raise ExportError(f"{name}: {why}; pass the fallback 'widen' (lossless, larger) or 'requant' (lossy)")
@@ -379,6 +385,38 @@ def collect_tensors(model: nn.Module, hp: HParams, options: ExportOptions,
     for _, enc in out:
         report.types[enc.qtype.name] += 1
     return out
+
+
+# -- the cost of a lossy fallback ---------------------------------------------------------------
+
+REQUANT_WINDOWS, REQUANT_SEQLEN = 8, 512  # WikiText-2 test, the evaluate stage's protocol, fewer windows
+
+
+def requant_ppl_change(model: nn.Module, tokenizer: Any, weights: dict[str, np.ndarray],
+                       context: int) -> dict[str, Any]:
+    """Perplexity of the model as pqflow computes it and with the re-quantized layers swapped in
+    (the weights llama.cpp reads), on the first WikiText-2 test windows. The model is densified in
+    place. Without the text (offline, no data folder) the change is reported as not measured."""
+    import torch
+
+    from pqflow.data import eval_windows, load_text, tokenize
+    from pqflow.errors import PqflowError
+    from pqflow.export.dense import densify
+    from pqflow.perplexity import perplexity
+
+    seqlen = min(REQUANT_SEQLEN, context)
+    try:
+        windows = eval_windows(tokenize(tokenizer, load_text("wikitext2", "test")), seqlen, REQUANT_WINDOWS)
+    except (PqflowError, OSError) as e:
+        return {"measured": False, "why": str(e).splitlines()[0]}
+    densify(model)
+    before = perplexity(model, windows, progress=False).ppl
+    with torch.no_grad():
+        for name, w in weights.items():
+            model.get_submodule(name).weight.copy_(torch.from_numpy(w))
+    after = perplexity(model, windows, progress=False).ppl
+    return {"measured": True, "text": "wikitext2 test", "windows": len(windows), "seqlen": seqlen,
+            "ppl": before, "ppl_requant": after, "change_pct": 100 * (after - before) / before}
 
 
 # -- metadata and tokenizer -------------------------------------------------------------------
@@ -480,11 +518,21 @@ def export(src: Path, out: Path, options: ExportOptions) -> dict[str, Any]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    cost = None
+    if report.requant_weights:
+        cost = requant_ppl_change(model, loaded.tokenizer, report.requant_weights, hp.context)
+        if cost["measured"]:
+            log.warning("re-quantized %d layers: ppl %.4f -> %.4f (%+.3f%%) on %d WikiText-2 test windows of %d",
+                        len(report.requantized), cost["ppl"], cost["ppl_requant"], cost["change_pct"],
+                        cost["windows"], cost["seqlen"])
+        else:
+            log.warning("re-quantized %d layers; the ppl change is not measured: %s", len(report.requantized),
+                        cost["why"])
     return {
         "file": GGUF_NAME, "arch": "llama", "file_type": file_type.name, "gguf_bytes": path.stat().st_size,
         "tensor_types": dict(sorted(report.types.items())), "linear_types": dict(sorted(report.linear_types.items())),
         "fallback": options.fallback, "widened": report.widened, "requantized": report.requantized,
-        "lossless": not report.requantized, "n_layers": hp.n_layers, "n_heads": hp.n_heads,
+        "lossless": not report.requantized, **({"requant_ppl": cost} if cost else {}), "n_layers": hp.n_layers, "n_heads": hp.n_heads,
         "n_kv_heads": hp.n_kv_heads, "intermediate": hp.intermediate, **tok,
         **({"padded": padded} if padded else {}),
     }
