@@ -35,6 +35,7 @@ COMPONENTS: dict[str, ComponentSpec] = {
         ComponentSpec("bit-search", "bit_search", "allocation"),
         ComponentSpec("quantize", "quantize", "quantized"),
         ComponentSpec("finetune", "finetune", "finetuned"),
+        ComponentSpec("export", "export", "exported"),
         ComponentSpec("evaluate", "evaluate", "metrics"),
     )
 }

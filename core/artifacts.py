@@ -75,8 +75,11 @@ def build_manifest(folder: Path, *, stage: str, params: dict[str, Any], inputs: 
                    fingerprint: str, summary: dict[str, Any] | None = None) -> dict[str, Any]:
     files = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        rel = p.relative_to(folder).as_posix()
+        # Only the top-level manifest is the artifact's own: a nested one belongs to an artifact held
+        # inside this one (the export stage's formats) and is listed and hashed like any file.
+        if p.is_file() and rel != MANIFEST:
+            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return {
         "format": FORMAT,
         "stage": stage,
@@ -241,7 +244,8 @@ def _s3_publish(folder: Path, uri: str, manifest: dict[str, Any]) -> None:
     _s3_call(uri, s3.delete_object, Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
     uploaded: list[str] = []
     try:
-        for rel in manifest["files"]:
+        # nested artifacts' manifests after their files, so that each of them also lands last
+        for rel in sorted(manifest["files"], key=lambda r: r.rsplit("/", 1)[-1] == MANIFEST):
             key = f"{prefix}/{rel}"
             _s3_call(uri, s3.upload_file, str(folder / rel), bucket, key)
             uploaded.append(key)

@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_validate)
 
     s = sub.add_parser("stage", help="run one stage (what each pipeline container runs)")
-    s.add_argument("name", help="calibrate | importance | prune | bit-search | quantize | finetune | evaluate")
+    s.add_argument("name", help="calibrate | importance | prune | bit-search | quantize | finetune | export | evaluate")
     s.add_argument("--recipe", required=True)
     s.add_argument("--in", dest="inputs", action="append", metavar="NAME=URI", help="an input artifact")
     s.add_argument("--out", required=True, metavar="URI", help="file:// path or s3://bucket/prefix")

@@ -31,7 +31,7 @@ def plan(recipe: Recipe) -> list[Step]:
     steps: list[Step] = []
     latest: dict[str, str] = {}  # artifact kind -> step that produced it last
     for key in STAGE_ORDER:
-        if not recipe.stage(key).enabled:
+        if not recipe.stage(key).active:
             continue
         spec = BY_KEY[key]
         if key == "evaluate" and any(recipe.stage(k).enabled for k in COMPRESSORS) and "model" in latest:

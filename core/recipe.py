@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pqflow.errors import RecipeError
 
-STAGE_ORDER = ("calibrate", "importance", "prune", "bit_search", "quantize", "finetune", "evaluate")
+STAGE_ORDER = ("calibrate", "importance", "prune", "bit_search", "quantize", "finetune", "export", "evaluate")
 
 # Stage -> module holding its method family's REGISTRY (stages without methods are absent).
 METHOD_FAMILIES = {
@@ -99,6 +99,11 @@ class DataRef(Strict):
 class StageBase(Strict):
     enabled: bool = Field(True, description="a disabled stage is skipped and produces nothing")
     resources: Resources = Field(default_factory=Resources)
+
+    @property
+    def active(self) -> bool:
+        """Whether the stage is in the plan (stages with nothing to do override this)."""
+        return self.enabled
 
 
 class MethodStage(StageBase):
@@ -193,6 +198,36 @@ class FinetuneStage(MethodStage):
     reload_tolerance: float = Field(1e-3, ge=0, le=1e6, description="largest allowed absolute logit difference on reload")
 
 
+class ExportStage(StageBase):
+    """Exports of the final model (the one ``evaluate`` registers) in formats other engines load."""
+
+    enabled: bool = Field(True, description="export runs when enabled and `formats` is not empty")
+    formats: list[str] = Field(default_factory=list, max_length=16,
+                               description="export formats (see `pqflow export --help`); empty = no export")
+    fallback: Literal["error", "widen", "requant"] = Field(
+        "error", description="a layer the format cannot hold exactly: fail, widen it losslessly, or requantize (lossy)")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the float tensors")
+    uneven: Literal["error", "pad"] = Field(
+        "error", description="layers pruned to different widths: fail, or zero-pad to the widest layer")
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.formats)
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        from pqflow.export import FORMATS  # the registry of export formats; importing it loads no format
+
+        unknown = [f for f in v if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown export format '{_short(unknown[0])}' (known: {', '.join(sorted(FORMATS))})")
+        dupes = sorted({f for f in v if v.count(f) > 1})
+        if dupes:
+            raise ValueError(f"export format '{_short(dupes[0])}' is listed twice")
+        return v
+
+
 class EvaluateStage(StageBase):
     data: DataRef = Field(default_factory=DataRef)
     seqlen: int = Field(512, ge=8, le=MAX_SEQLEN, description="tokens per evaluation window")
@@ -207,6 +242,7 @@ class Stages(Strict):
     bit_search: BitSearchStage = Field(default_factory=BitSearchStage)
     quantize: QuantizeStage = Field(default_factory=QuantizeStage)
     finetune: FinetuneStage = Field(default_factory=FinetuneStage)
+    export: ExportStage = Field(default_factory=ExportStage)
     evaluate: EvaluateStage = Field(default_factory=EvaluateStage)
 
 
@@ -237,7 +273,7 @@ class Recipe(Strict):
         return getattr(self.stages, name)
 
     def enabled_stages(self) -> list[str]:
-        return [s for s in STAGE_ORDER if self.stage(s).enabled]
+        return [s for s in STAGE_ORDER if self.stage(s).active]
 
     def method_params(self, stage: str) -> BaseModel:
         """The validated ``params`` of ``stage``'s method."""

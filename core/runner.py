@@ -56,7 +56,7 @@ def fingerprint(spec: StageSpec, params: dict[str, Any], inputs: dict[str, Artif
     return canonical_digest({
         "stage": spec.name,
         "params": params,
-        "inputs": {k: a.digest for k, a in sorted(inputs.items())},
+        "inputs": {k: a.digest for k, a in sorted(inputs.items()) if k not in spec.attached},
         "pqflow": __version__,
     })
 

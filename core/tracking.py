@@ -8,7 +8,8 @@
   (:mod:`pqflow.pyfunc_model`, weights as safetensors artifacts, no pickle), registers it under
   ``recipe.model.name`` (default ``recipe.name``) with alias ``candidate``, and moves alias
   ``champion`` to it only when the recipe's quality gate holds against ``evaluate-baseline`` of the
-  same run. The decision is logged (``gate_decision.json``, tags, metric ``gate_passed``).
+  same run. The decision is logged (``gate_decision.json``, tags, metric ``gate_passed``). With an
+  ``export`` step, its formats become files and tags of the version (:mod:`pqflow.model_exports`).
 """
 
 from __future__ import annotations
@@ -383,9 +384,13 @@ def gate_decision(recipe: Recipe, final: dict[str, Any], baseline: dict[str, Any
 
 
 def _model_key(recipe: Recipe, outcome: StageOutcome) -> str:
+    from pqflow.model_exports import model_key
+
     if "model" in outcome.inputs:
-        return outcome.inputs["model"].digest
-    return canonical_digest({"source": recipe.model.source, "dtype": recipe.model.dtype, "pqflow": __version__})
+        weights = outcome.inputs["model"].digest
+    else:
+        weights = canonical_digest({"source": recipe.model.source, "dtype": recipe.model.dtype, "pqflow": __version__})
+    return model_key(weights, outcome.inputs.get("export"))
 
 
 def _model_folder(recipe: Recipe, outcome: StageOutcome, tmp: Path) -> Path:
@@ -418,14 +423,25 @@ def register(client: Any, parent_id: str, child_id: str, recipe: Recipe, root: s
     reused = version is not None
     if not reused:
         ev = recipe.stages.evaluate
+        export = outcome.inputs.get("export")
         with scratch_dir("model") as tmp:
             folder = _model_folder(recipe, outcome, Path(tmp))
+            exports = None
+            if export is not None:
+                from pqflow.model_exports import stage_files
+
+                exports = stage_files(export, Path(tmp))
             info = _log_pyfunc(child_id, folder, name, ev.seqlen, ev.max_windows or 0, ev.batch_size,
-                               ev.data.source, ev.data.field)
+                               ev.data.source, ev.data.field, exports)
         version = str(info.registered_model_version)
-        for k, v in {"pqflow.model_key": key, "pqflow.run_key": client.get_run(parent_id).data.tags.get(
+        tags = {"pqflow.model_key": key, "pqflow.run_key": client.get_run(parent_id).data.tags.get(
                 "pqflow.run_key", ""), "pqflow.mlflow_run": child_id, "pqflow.recipe": recipe.name,
-                "ppl": f"{final.get('ppl')}", "model_bytes": f"{final.get('model_bytes')}"}.items():
+                "ppl": f"{final.get('ppl')}", "model_bytes": f"{final.get('model_bytes')}"}
+        if export is not None:
+            from pqflow.model_exports import version_tags
+
+            tags.update(version_tags(export))
+        for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
     client.set_registered_model_alias(name, "candidate", version)
     decision = gate_decision(recipe, final, baseline)
@@ -445,7 +461,7 @@ def register(client: Any, parent_id: str, child_id: str, recipe: Recipe, root: s
 
 
 def _log_pyfunc(run_id: str, folder: Path, name: str, seqlen: int, max_windows: int, batch_size: int,
-                data: str, field: str):
+                data: str, field: str, exports: Path | None = None):
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
@@ -461,7 +477,8 @@ def _log_pyfunc(run_id: str, folder: Path, name: str, seqlen: int, max_windows: 
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
-            artifacts={"model": str(folder)},
+            # exports ride along as files of the version (artifacts/exports/<format>/); predict ignores them
+            artifacts={"model": str(folder), **({"exports": str(exports)} if exports else {})},
             signature=sig,
             registered_model_name=name,
             metadata={"pqflow_version": __version__, "eval_data": data, "eval_field": field},

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and tag one image per pqflow stage: <registry>/pqflow-<stage>:<version>.
-#   docker/build.sh                       # all seven, registry $PQFLOW_REGISTRY or ghcr.io/pqflow
+#   docker/build.sh                       # all eight, registry $PQFLOW_REGISTRY or ghcr.io/pqflow
 #   docker/build.sh --push calibrate evaluate
 #   REGISTRY=my.registry/ml VERSION=dev docker/build.sh
 # The tags are the ones `pqflow compile` writes into the pipeline (same registry/version defaults).
@@ -18,11 +18,11 @@ for a in "$@"; do
     *) STAGES+=("$a") ;;
   esac
 done
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(calibrate importance prune bit-search quantize finetune evaluate)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(calibrate importance prune bit-search quantize finetune export evaluate)
 export DOCKER_BUILDKIT=1  # per-Dockerfile .dockerignore
 for s in "${STAGES[@]}"; do
   f="docker/$s.Dockerfile"
-  [ -f "$f" ] || { echo "no $f (stages: calibrate importance prune bit-search quantize finetune evaluate)" >&2; exit 2; }
+  [ -f "$f" ] || { echo "no $f (stages: calibrate importance prune bit-search quantize finetune export evaluate)" >&2; exit 2; }
   tag="$REGISTRY/pqflow-$s:$VERSION"
   echo ">> $tag"
   "$DOCKER" build -f "$f" -t "$tag" --label "org.opencontainers.image.version=$VERSION" \

@@ -29,7 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRAS = {"calibrate": "calibrate", "importance": "importance", "prune": "prune", "bit-search": "bitsearch",
-          "quantize": "quantize", "finetune": "finetune", "evaluate": "evaluate"}
+          "quantize": "quantize", "finetune": "finetune", "export": "export",
+          "evaluate": "evaluate"}
 KFP = "kfp==2.17.3"
 # Packages that must not be in a stage image: the other stages' extras, the orchestration-only ones.
 FOREIGN = {

@@ -2,7 +2,7 @@
 # Image of the pqflow stage `quantize`: pqflow with only its `quantize` extra, plus `tracking` (the MLflow
 # client: each stage logs its own child run) and kfp (the KFP executor runs the component in it).
 # Build from the repository root:  docker build -f docker/quantize.Dockerfile -t <registry>/pqflow-quantize:<version> .
-# (docker/build.sh builds and tags all seven.)
+# (docker/build.sh builds and tags all eight.)
 ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 FROM ${BASE_IMAGE}
 

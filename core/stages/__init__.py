@@ -1,4 +1,4 @@
-"""The seven pipeline stages. Each stage module exposes
+"""The eight pipeline stages. Each stage module exposes
 
     run(recipe, inputs, out) -> summary
 
@@ -26,6 +26,9 @@ class StageSpec:
     inputs: tuple[str, ...] = ()  # required inputs
     optional: tuple[str, ...] = ()  # inputs used when given (``model`` falls back to the recipe's source)
     output: str = "model"  # what downstream stages call this stage's artifact
+    # Optional inputs that only ride along to the stage's tracking hook (evaluate hands the export to
+    # the registry): they do not change the stage's own output, so they stay out of its fingerprint.
+    attached: tuple[str, ...] = ()
 
     def runner(self) -> Callable[..., dict[str, Any]]:
         return importlib.import_module(self.module).run
@@ -40,7 +43,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("bit-search", "bit_search", "pqflow.stages.bit_search", ("calib",), ("model", "importance"), "allocation"),
         StageSpec("quantize", "quantize", "pqflow.stages.quantize", (), ("model", "calib", "allocation"), "model"),
         StageSpec("finetune", "finetune", "pqflow.stages.finetune", (), ("model",), "model"),
-        StageSpec("evaluate", "evaluate", "pqflow.stages.evaluate", (), ("model",), "metrics"),
+        StageSpec("export", "export", "pqflow.stages.export", ("model",), (), "export"),
+        StageSpec("evaluate", "evaluate", "pqflow.stages.evaluate", (), ("model", "export"), "metrics", ("export",)),
     )
 }
 BY_KEY = {s.key: s for s in STAGES.values()}
