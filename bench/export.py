@@ -20,7 +20,18 @@ scores in a process of its own, whose peak RSS is the row's ``peak_rss_mb``.
     python bench/export.py --configs rtn-4g64,rtn-4g32,rtn-8pcs,gptq-4g64
 
 Configs: ``METHOD-BITS(gGROUP|pc)[s][-eBITS]`` (``s`` = symmetric, asymmetric otherwise; ``-e4``: the
-embedding, and so the tied output head, quantized too, with the linears' group size and symmetry).
+embedding, and so the tied output head, quantized too, with the linears' group size and symmetry), or
+``METHOD@NAME``: a mixed-precision model, the ``quantize`` stage with METHOD and the bit allocation
+``bench/results/allocations/NAME.json`` (a ``bit-search`` stage's ``allocation.json``; see the README
+there for the command that made each; its sha256 is in the row's provenance inputs).
+
+``--calib-windows`` sets the calibration windows the quantize stage draws for methods that need them
+(gptq, mrem; default 128, the quantize bench's setting; the row records it, and a model built with
+another count is cached under its own name).
+
+    python bench/export.py --formats compressed-tensors --calib-windows 32 --configs gptq-4g64,mrem-4g64
+    python bench/export.py --formats compressed-tensors --calib-windows 32 --configs gptq@search-3.0 \
+        --fallback widen    # the allocation's g128 choices leave a ragged last group on 576 inputs
 """
 
 from __future__ import annotations
@@ -50,6 +61,9 @@ ENGINE = {"compressed-tensors": "transformers + compressed-tensors (clean venv)"
 SEQLEN = 512
 FP16 = "fp16"  # the unquantized model; only its GGUF is a row (the speed baseline)
 CONFIG_RE = re.compile(r"^(?P<method>[a-z0-9]+)-(?P<bits>[2348])(?:g(?P<group>\d+)|pc)(?P<sym>s?)(?:-e(?P<emb>[2348]))?$")
+ALLOC_RE = re.compile(r"^(?P<method>[a-z0-9]+)@(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)$")
+ALLOCATIONS = REPO / "bench" / "results" / "allocations"  # NAME.json: allocations of METHOD@NAME configs
+CALIB_WINDOWS = 128  # the quantize bench's calibration; --calib-windows overrides
 
 # Scores an exported Hugging Face folder with transformers, never importing pqflow: tests/ct_score.py's
 # loaders (plain from_pretrained; the library's own decompression only where transformers cannot load
@@ -96,12 +110,25 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def allocation_file(config: str) -> Path | None:
+    """The allocation of a ``METHOD@NAME`` config (None for a uniform config)."""
+    m = ALLOC_RE.match(config)
+    return ALLOCATIONS / f"{m['name']}.json" if m else None
+
+
 def parse_config(config: str) -> dict[str, Any]:
-    """``rtn-4g64`` -> the quantize stage's settings (``-e4``: the embedding, and a tied head, at 4 bits)."""
+    """``rtn-4g64`` -> the quantize stage's settings (``-e4``: the embedding, and a tied head, at 4 bits).
+    ``gptq@NAME``: the allocation decides every decoder linear; 4g64 asymmetric is only the stage's
+    default for a linear the allocation leaves out, as in bench/bitsearch.py."""
+    if a := ALLOC_RE.match(config):
+        path = allocation_file(config)
+        if not path.is_file():
+            raise SystemExit(f"config '{config}': no allocation {path.relative_to(REPO)}")
+        return {"method": a["method"], "bits": 4, "group_size": 64, "symmetric": False, "embedding_bits": None}
     m = CONFIG_RE.match(config)
     if not m:
-        raise SystemExit(f"config '{config}': expected METHOD-BITS(gGROUP|pc)[s][-eBITS], e.g. rtn-4g64, rtn-8pcs, "
-                         "rtn-4g64-e4")
+        raise SystemExit(f"config '{config}': expected METHOD-BITS(gGROUP|pc)[s][-eBITS] or METHOD@ALLOCATION, e.g. "
+                         "rtn-4g64, rtn-8pcs, rtn-4g64-e4, gptq@search-3.0")
     return {"method": m["method"], "bits": int(m["bits"]), "group_size": int(m["group"]) if m["group"] else None,
             "symmetric": bool(m["sym"]), "embedding_bits": int(m["emb"]) if m["emb"] else None}
 
@@ -121,7 +148,7 @@ def git_commit() -> dict[str, Any]:
     def git(*a: str) -> str:
         return subprocess.run(["git", "--no-optional-locks", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    dirty = git("status", "--porcelain", "--", "core", "bench/export.py", "tests/ct_score.py")
+    dirty = git("status", "--porcelain", "--", "core", "bench/export.py", "bench/results/allocations", "tests/ct_score.py")
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(dirty)}
 
 
@@ -134,26 +161,55 @@ def own_peak_rss_mb() -> float:
 
 # -- artifacts: the quantized models and the unquantized one --------------------------------------
 
-def quant_recipe(work: Path, config: str) -> dict:
+def quant_recipe(work: Path, config: str, calib_windows: int = CALIB_WINDOWS) -> dict:
     return {
         "name": "bench-export",
         "model": {"source": "smollm2-135m"},
         "stages": {
-            # used by methods that need calibration (gptq, mrem): the quantize bench's setting
-            "calibrate": {"n_windows": 128, "seqlen": SEQLEN, "seed": 0},
+            # used by methods that need calibration (gptq, mrem): the quantize bench's setting by default
+            "calibrate": {"n_windows": calib_windows, "seqlen": SEQLEN, "seed": 0},
             "quantize": {"enabled": True, **parse_config(config)},
         },
         "storage": {"root": f"file://{work}"},
     }
 
 
-def quantized_artifact(work: Path, config: str) -> Path:
+def allocation_artifact(work: Path, path: Path) -> str:
+    """``path`` (an ``allocation.json``) as an allocation artifact under ``work``, fingerprinted by its
+    sha256; the file is copied byte for byte."""
+    from pqflow.artifacts import build_manifest, open_artifact, publish, read_manifest, staging_dir
+
+    digest = sha256_file(path)
+    uri = f"file://{work}/alloc-{path.stem}"
+    existing = read_manifest(uri)
+    if existing is not None and existing.get("fingerprint") == digest:
+        open_artifact(uri)  # verified, or it raises
+        return uri
+    tmp = staging_dir(uri)
+    (tmp / "allocation.json").write_bytes(path.read_bytes())
+    publish(tmp, uri, build_manifest(tmp, stage="bit-search", params={"bench": path.stem}, inputs={},
+                                     fingerprint=digest, summary={}))
+    return uri
+
+
+def calibrated(config: str) -> bool:
+    """Whether the config's quantize method draws calibration windows (gptq, mrem; not rtn)."""
+    from pqflow.methods.quant import REGISTRY
+
+    return config != FP16 and getattr(REGISTRY.module(parse_config(config)["method"]), "NEEDS_CALIBRATION", False)
+
+
+def quantized_artifact(work: Path, config: str, calib_windows: int = CALIB_WINDOWS) -> Path:
     """The ``quantize`` stage's artifact for ``config``; the stage skips it when up to date."""
     from pqflow.recipe import parse_recipe
     from pqflow.runner import run_stage
 
-    out = work / f"q-{config}"
-    run_stage("quantize", parse_recipe(quant_recipe(work, config)), {}, f"file://{out}")
+    if not calibrated(config):
+        calib_windows = CALIB_WINDOWS  # unused by the method: keeps the artifact's cache name and fingerprint
+    out = work / (f"q-{config}" + ("" if calib_windows == CALIB_WINDOWS else f"-c{calib_windows}"))
+    alloc = allocation_file(config)
+    inputs = {"allocation": allocation_artifact(work, alloc)} if alloc else {}
+    run_stage("quantize", parse_recipe(quant_recipe(work, config, calib_windows)), inputs, f"file://{out}")
     return out
 
 
@@ -187,8 +243,8 @@ def fp16_artifact(work: Path) -> Path:
     return out
 
 
-def artifact(work: Path, config: str) -> Path:
-    return fp16_artifact(work) if config == FP16 else quantized_artifact(work, config)
+def artifact(work: Path, config: str, calib_windows: int = CALIB_WINDOWS) -> Path:
+    return fp16_artifact(work) if config == FP16 else quantized_artifact(work, config, calib_windows)
 
 
 def eval_ids(work: Path, tokenizer: Any, n: int) -> Path:
@@ -424,18 +480,24 @@ def worker(config: str, fmt: str, args: argparse.Namespace) -> dict:
     from pqflow.export import ExportError
 
     work = Path(args.work)
-    src = artifact(work, config)
+    src = artifact(work, config, args.calib_windows)
     ours, ids = pqflow_ppl(work, src, args.windows)
     src_art = open_artifact(str(src))
     dtype = {"compressed-tensors": args.ct_dtype, "hf-dense": args.dense_dtype, "gguf": "float16"}[fmt]
     row = {"format": fmt, "engine": ENGINE[fmt], "config": config, "dtype": dtype, "pqflow_ppl": round(ours, 3),
            "pqflow_bytes": src_art.manifest["bytes"], "windows": args.windows, "seqlen": SEQLEN,
            "threads": args.threads, "fallback": args.fallback}
+    if calibrated(config):
+        row["calib_windows"] = args.calib_windows
+    digests = {"artifact_digest": src_art.digest}
+    if alloc := allocation_file(config):
+        row["allocation"] = str(alloc.relative_to(REPO))
+        digests["allocation_sha256"] = sha256_file(alloc)
     out = work / "exports" / f"{config}-{fmt}"
     try:
         summary, export_s = export(src, fmt, out, args, dtype)
     except ExportError as e:  # the format cannot hold this model exactly: a row that says why
-        return {**row, "error": str(e), **provenance(args, ids, {"artifact_digest": src_art.digest}, {})}
+        return {**row, "error": str(e), **provenance(args, ids, digests, {})}
     eng = score(config, fmt, out, ids, args)
     out_art = open_artifact(str(out))
     row.update({
@@ -445,8 +507,7 @@ def worker(config: str, fmt: str, args: argparse.Namespace) -> dict:
         "peak_rss_mb": round(eng["peak_rss_mb"]), "export_peak_rss_mb": round(own_peak_rss_mb()),
         **engine_fields(eng, config, args),
         "export_summary": {k: summary[k] for k in SUMMARY_KEYS if k in summary},
-        **provenance(args, ids, {"artifact_digest": src_art.digest, "export_digest": out_art.digest},
-                     eng["versions"]),
+        **provenance(args, ids, {**digests, "export_digest": out_art.digest}, eng["versions"]),
     })
     return row
 
@@ -494,6 +555,8 @@ def main() -> None:
     ap.add_argument("--configs", default="rtn-4g64", help="comma-separated, e.g. rtn-4g64,rtn-4g32,rtn-8pcs,gptq-4g64")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--windows", type=int, default=40, help="the first N 512-token WikiText-2 test windows")
+    ap.add_argument("--calib-windows", type=int, default=CALIB_WINDOWS,
+                    help="calibration windows of the quantize stage (gptq, mrem); recorded in each row")
     ap.add_argument("--threads", type=int, default=2, help="threads of every engine and every speed run")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="speed runs per GGUF (median reported)")
