@@ -51,7 +51,7 @@ def config_dims(config: Any) -> dict[str, int]:
 
 
 def _layer_shapes(config: Any, dims: dict[str, int]) -> list[tuple[int, int, int]] | None:
-    from pqflow.methods.prune.surgery import SHAPES_KEY  # pruned models' per-layer shapes
+    from pqflow.formats.pruned import SHAPES_KEY  # pruned models' per-layer shapes
 
     shapes = _get(config, SHAPES_KEY)
     if not isinstance(shapes, list) or len(shapes) != dims.get("num_hidden_layers"):

@@ -4,8 +4,8 @@ Sources (``recipe.model.source``): ``smollm2-135m`` (the GGUF inside the ``llm-s
 ``tiny-llama`` (seeded, built in code) and ``hf:<id or local path>``.
 
 A model artifact is a folder written by :func:`save_model`: the model's own files plus
-``pqflow_model.json`` naming its format. Loaders are registered per format, so a stage that
-produces a new kind of model (pruned with uneven layers, packed low-bit) adds one loader.
+``pqflow_model.json`` naming its format. Each format is one module of :mod:`pqflow.formats`
+(its saver and its loader), registered by name.
 
 Loading is safe by construction: weights are read from safetensors only (never pickle), configs
 and tokenizers from JSON (plus a tokenizer's data files such as a sentencepiece ``.model``, a
@@ -146,35 +146,35 @@ def report(model: nn.Module, name: str) -> None:
 
 
 # -- artifacts ---------------------------------------------------------------------------------
+# The formats live in pqflow.formats (one module per format, registered by name). These wrappers
+# keep the historical entry points; they import pqflow.formats lazily because it imports this module.
 
 Saver = Callable[[nn.Module, Any, Path], dict[str, Any]]
-Loader = Callable[[Path, dict[str, Any]], LoadedModel]
-_LOADERS: dict[str, str] = {
-    # format -> "module:function"; the function takes (folder, meta) and returns a LoadedModel
-    "hf": "pqflow.models:load_hf_folder",
-    "pqflow-pruned": "pqflow.methods.prune.format:load_pruned_folder",
-    "pqflow-quant": "pqflow.quant.model:load_quantized",
-    "pqflow-lora": "pqflow.methods.tuning.format:load_lora_folder",
-}
 
 
-def register_format(fmt: str, loader: str) -> None:
-    _LOADERS[fmt] = loader
+def register_format(fmt: str, module: str) -> None:
+    """Register format ``fmt`` implemented by ``module`` (NAME, save, load): :func:`pqflow.formats.register`."""
+    from pqflow import formats
+
+    formats.register(fmt, module)
 
 
-def save_hf(model: nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return {}
-
-
-def save_model(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "hf", saver: Saver = save_hf,
+def save_model(model: nn.Module, tokenizer: Any, out: Path, fmt: str = "hf", saver: Saver | None = None,
                **meta: Any) -> Path:
-    """Write a model artifact's files into ``out`` (the artifact store adds the manifest)."""
+    """Write a model artifact's files into ``out`` (the artifact store adds the manifest) with
+    format ``fmt``'s saver: :func:`pqflow.formats.save_model`.
+
+    ``saver`` replaces the format's saver (callers with their own file layout, e.g. a test's fp16
+    copy); what it returns goes into the model meta last, so it may even name the format."""
+    from pqflow import formats
+
+    if saver is None:
+        return formats.save_model(model, tokenizer, out, fmt, **meta)
+    formats.get(fmt)  # only a registered format may be named
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     extra = saver(model, tokenizer, out) or {}
-    (out / MODEL_META).write_text(json.dumps({"format": fmt, **meta, **extra}, indent=2, sort_keys=True))
-    return out
+    return formats.write_meta(out, {"format": fmt, **meta, **extra})
 
 
 # -- safe loading helpers (every loader goes through these) -------------------------------------
@@ -273,15 +273,6 @@ def require_safetensors(folder: Path) -> None:
                           f"*.safetensors, never from pickle files")
 
 
-def load_hf_folder(folder: Path, meta: dict[str, Any]) -> LoadedModel:
-    folder = Path(folder)
-    require_safetensors(folder)
-    cfg = load_config(folder)
-    check_config(cfg, where=str(folder), dtype=config_dtype(cfg), weight_bytes=weight_bytes(folder))
-    model = hf_from_pretrained(folder, cfg, "auto").eval()
-    return LoadedModel(model, load_tokenizer(folder), str(folder))
-
-
 def load_verified_artifact(folder: Path) -> LoadedModel:
     """Load a pqflow model artifact named by path (``hf:<folder>``) after verifying every file
     against its manifest; a folder without a manifest was never published and is refused."""
@@ -293,22 +284,10 @@ def load_verified_artifact(folder: Path) -> LoadedModel:
 
 
 def load_model_artifact(folder: Path) -> LoadedModel:
-    """Load a verified model artifact folder through its format's loader."""
-    meta_path = Path(folder) / MODEL_META
-    if not meta_path.is_file():
-        raise SourceError(f"{folder} is not a pqflow model artifact: {MODEL_META} is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        raise SourceError(f"{meta_path}: not valid JSON") from None
-    fmt = meta.get("format", "hf") if isinstance(meta, dict) else None
-    if fmt not in _LOADERS:
-        raise SourceError(f"{meta_path}: unknown model format '{fmt}' (known: {', '.join(sorted(_LOADERS))})")
-    mod_name, fn = _LOADERS[fmt].split(":")
-    loaded = getattr(importlib.import_module(mod_name), fn)(Path(folder), meta)
-    loaded.model.eval()
-    report(loaded.model, f"{folder} ({fmt})")
-    return loaded
+    """Load a verified model artifact folder through its format's loader: :func:`pqflow.formats.load_model_artifact`."""
+    from pqflow import formats
+
+    return formats.load_model_artifact(Path(folder))
 
 
 def weight_bytes(folder: Path) -> int:

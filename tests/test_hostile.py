@@ -630,7 +630,7 @@ def test_unlisted_safetensors_is_not_read_by_pruned_loader(tiny, tmp_path: Path)
 def _lora_artifact(tiny, tmp_path: Path, adapter: str, pickle_adapter: bool = False) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    from pqflow.methods.tuning.format import save_adapter
+    from pqflow.formats.lora import save_adapter
 
     model, tok = tiny
     base_meta = {"format": "hf"}
@@ -660,10 +660,10 @@ def test_lora_adapter_path_escaping_the_artifact_is_rejected(tiny, tmp_path: Pat
     (art / "adapter").rename(outside)  # an unverified adapter beside the artifact
     meta = json.loads((art / "pqflow_model.json").read_text())
     meta["adapter"] = "../outside"
-    from pqflow.methods.tuning.format import load_lora_folder
+    from pqflow.formats import lora
 
     with pytest.raises(SourceError, match="adapter"):
-        load_lora_folder(art, meta)
+        lora.load(art, meta)
 
 
 def test_pickle_lora_adapter_is_rejected(tiny, tmp_path: Path):

@@ -137,7 +137,7 @@ def state_tensors(model: nn.Module, float_dtype: torch.dtype) -> dict[str, torch
 
 def save_quantized(model: nn.Module, tokenizer: Any, out: Path, float_dtype: torch.dtype = torch.float16
                    ) -> dict[str, Any]:
-    """Saver for :func:`pqflow.models.save_model` (format ``pqflow-quant``)."""
+    """Saver of the ``pqflow-quant`` format (registered as :mod:`pqflow.formats.packed`)."""
     out = Path(out)
     compute = next(p for p in model.parameters() if p.is_floating_point() and not _in_quant(model, p)).dtype
     round_floats(model, float_dtype)
@@ -207,16 +207,8 @@ def build_skeleton(folder: Path, cfg: dict[str, Any]) -> nn.Module:
 
 
 def load_quantized(folder: Path, meta: dict[str, Any]) -> LoadedModel:
-    """Loader of the ``pqflow-quant`` model format (registered in :mod:`pqflow.models`)."""
+    """Loader of the ``pqflow-quant`` model format (registered as :mod:`pqflow.formats.packed`)."""
     folder = Path(folder)
-    if meta.get("backend") == "bitsandbytes":
-        from pqflow.methods.quant.bnb import load_bnb
-
-        # transformers' bnb checkpoint: sized here, before from_pretrained builds it.
-        hf_cfg = load_config(folder)
-        check_config(hf_cfg, where=str(folder), dtype=_dtype(folder, meta.get("compute_dtype", "float32")),
-                     weight_bytes=weight_bytes(folder))
-        return load_bnb(folder, meta)
     cfg = json.loads((folder / QUANT_CONFIG).read_text())
     if cfg.get("version") != FORMAT_VERSION:
         raise ValueError(f"{folder / QUANT_CONFIG}: unsupported version {cfg.get('version')}")

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pqflow.formats.pruned import SHAPES_KEY
 from pqflow.methods.importance.common import decoder_layers, layer_geometry
 from pqflow.methods.prune.plan import LayerKeep, PrunePlan
-
-SHAPES_KEY = "pqflow_layer_shapes"  # config entry: [[n_heads, n_kv_heads, intermediate], ...] per layer
 
 
 def _cut(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:

@@ -4,8 +4,8 @@ quantization of the absmax constants) and LLM.int8 (row-wise int8, outlier colum
 The model is written as an fp16 checkpoint and re-loaded by ``from_pretrained`` with a
 ``BitsAndBytesConfig``, so the layers are exactly what bitsandbytes users serve. bitsandbytes
 0.50 runs both formats on the CPU (its native CPU backend); the saved artifact is transformers'
-own ``save_pretrained`` output plus ``pqflow_model.json`` (backend ``bitsandbytes``). Only the
-decoder linears in the plan are converted; bits in the plan are ignored (the format decides).
+own ``save_pretrained`` output, format ``pqflow-bnb`` (:mod:`pqflow.formats.bitsandbytes`). Only
+the decoder linears in the plan are converted; bits in the plan are ignored (the format decides).
 """
 
 from __future__ import annotations
@@ -19,17 +19,20 @@ import torch
 from torch import nn
 
 from pqflow.calibration import decoder_linears
+from pqflow.formats import bitsandbytes as bnb_format
+from pqflow.formats.bitsandbytes import require_bnb
 from pqflow.methods.quant.plan import Plan
-from pqflow.models import LoadedModel, cast_float
+from pqflow.models import cast_float
 
 NEEDS_CALIBRATION = False
+FORMAT = bnb_format.NAME  # the model format these methods write
 
 
-def _require_bnb() -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(f"bitsandbytes is not importable ({e}); install pqflow[quantize]") from None
+def save(model: nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
+    """The quantize stage's saver hook: the ``pqflow-bnb`` format's files. The stage still hands
+    ``save_model`` the packed format's name with this saver, so the format is named here too
+    (the saver's meta wins); a stage that saves under :data:`FORMAT` makes this unnecessary."""
+    return {**bnb_format.save(model, tokenizer, out), "format": FORMAT}
 
 
 def bnb_config(kind: str, double_quant: bool = True, threshold: float = 6.0,
@@ -46,7 +49,7 @@ def bnb_config(kind: str, double_quant: bool = True, threshold: float = 6.0,
 
 def convert(model: nn.Module, plan: Plan, kind: str, double_quant: bool = True, threshold: float = 6.0) -> nn.Module:
     """The model re-loaded with the plan's decoder linears in bitsandbytes format ``kind``."""
-    _require_bnb()
+    require_bnb()
     from transformers import AutoModelForCausalLM
 
     want = 4 if kind == "nf4" else 8
@@ -63,53 +66,3 @@ def convert(model: nn.Module, plan: Plan, kind: str, double_quant: bool = True, 
             tmp, quantization_config=bnb_config(kind, double_quant, threshold, skip, compute),
             dtype=compute, device_map="cpu", use_safetensors=True, trust_remote_code=False)
     return qmodel.eval()
-
-
-def _is_bnb_param(p: torch.Tensor) -> bool:
-    return type(p).__name__ in ("Params4bit", "Int8Params")
-
-
-def save(model: nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
-    """Saver: transformers' bnb checkpoint, float tensors in fp16 (their values are fp16-exact,
-    so the fp32 copy re-loaded from it is identical)."""
-    floats = [p for p in model.parameters() if p.is_floating_point() and not _is_bnb_param(p)]
-    orig = [p.data for p in floats]
-    try:
-        for p in floats:
-            p.data = p.data.to(torch.float16)
-        model.save_pretrained(out, safe_serialization=True)
-    finally:
-        for p, d in zip(floats, orig, strict=True):
-            p.data = d
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return {"backend": "bitsandbytes", "compute_dtype": str(orig[0].dtype).removeprefix("torch.") if orig else "float32"}
-
-
-def load_bnb(folder: Path, meta: dict[str, Any]) -> LoadedModel:
-    _require_bnb()
-    from transformers import AutoModelForCausalLM
-
-    from pqflow.models import load_tokenizer
-
-    dtype = getattr(torch, meta.get("compute_dtype", "float32"))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cpu", use_safetensors=True,
-                                                 trust_remote_code=False)
-    restore_dtypes(model, dtype)
-    return LoadedModel(model.eval(), load_tokenizer(folder), str(folder))
-
-
-@torch.no_grad()
-def restore_dtypes(model: nn.Module, dtype: torch.dtype) -> None:
-    """A bnb checkpoint re-loads with its float tensors in their stored fp16 and the 4-bit
-    dequantization dtype as bf16 whatever ``dtype`` says; put both back to the compute dtype
-    the model was quantized with, so re-loaded logits equal the original's."""
-    for p in model.parameters():
-        if p.is_floating_point() and not _is_bnb_param(p):
-            p.data = p.data.to(dtype)
-    for m in model.modules():
-        state = getattr(getattr(m, "weight", None), "quant_state", None)
-        if state is not None:
-            state.dtype = dtype
-        if hasattr(m, "compute_dtype"):
-            m.compute_dtype = dtype

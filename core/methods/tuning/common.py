@@ -10,11 +10,12 @@ from typing import Any
 
 from torch import nn
 
+from pqflow.formats.lora import ADAPTER_DIR
+from pqflow.formats.lora import NAME as FORMAT
 from pqflow.methods.tuning.train import History
 from pqflow.models import MODEL_META
 
-ADAPTER_DIR = "adapter"
-FORMAT = "pqflow-lora"
+__all__ = ["ADAPTER_DIR", "FORMAT", "Base", "Tuned", "copy_base_files", "trainable_parameters"]
 _NOT_BASE = {MODEL_META, "manifest.json"}
 
 

@@ -1,7 +1,7 @@
 """``lora``: peft LoRA adapters on the frozen base (QLoRA / QPruner recovery).
 
 Bases: float (``hf`` / ``pqflow-pruned``), our packed ``pqflow-quant`` layers (through
-:class:`~pqflow.methods.tuning.lora_layer.QuantLoraLinear`, a peft custom module) and
+:class:`~pqflow.quant.lora_layer.QuantLoraLinear`, a peft custom module) and
 bitsandbytes NF4 / int8 layers (peft's own bnb LoRA layers). A float base is merged after training
 (``merge: true``) and saved in its own format; a packed base is kept byte for byte and the adapter
 saved beside it in peft's format (format ``pqflow-lora``).
@@ -21,6 +21,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from pqflow import formats
+from pqflow.formats import hf
+from pqflow.formats.lora import save_adapter
 from pqflow.methods.tuning.common import (
     ADAPTER_DIR,
     FORMAT,
@@ -29,9 +32,8 @@ from pqflow.methods.tuning.common import (
     copy_base_files,
     trainable_parameters,
 )
-from pqflow.methods.tuning.format import save_adapter
 from pqflow.methods.tuning.train import TrainData, TrainParams, resolve_device, train
-from pqflow.models import DTYPES, cast_float, save_hf, save_model
+from pqflow.models import DTYPES, cast_float
 from pqflow.quant import QuantLinear
 from pqflow.recipe import MAX_GROUP, MAX_RANK
 
@@ -61,10 +63,6 @@ def is_quantized(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def _no_files(model: nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
-    return {}  # the base was written before training; only the model meta is left to write
-
-
 def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
     model, tok = base.model, base.tokenizer
     base_meta = dict(base.meta)
@@ -85,24 +83,23 @@ def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
     if p.init == "loftq":
         if quantized:
             raise ValueError("params.init=loftq needs a float (unquantized) input model: LoftQ quantizes it itself")
+        from pqflow.formats import packed
         from pqflow.methods.tuning.loftq import loftq_quantize
-        from pqflow.quant.model import FORMAT as QFORMAT
-        from pqflow.quant.model import save_quantized
 
         loftq_init, stats = loftq_quantize(model, p.target_modules, p.r, scaling, p.loftq_bits,
                                            p.loftq_group_size, p.loftq_symmetric, p.loftq_iter)
         info.update(stats)
         # Saving rounds the float remainder to fp16 in memory too, so training sees the saved base.
-        extra = save_quantized(model, tok, out)
-        base_meta = {"format": QFORMAT, "method": "loftq-rtn", **extra}
+        extra = packed.save(model, tok, out)
+        base_meta = {"format": packed.NAME, "method": "loftq-rtn", **extra}
         quantized = True
     merge = p.merge and not quantized
     if not merge and p.init != "loftq":
         if base.folder is not None and p.base_dtype is None:
             copy_base_files(base.folder, out)  # the frozen base, byte for byte
         else:
-            save_hf(model, tok, out)
-            base_meta["format"] = base_meta.get("format", "hf")
+            hf.save(model, tok, out)
+            base_meta["format"] = base_meta.get("format", hf.NAME)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.cache = p.cache_dequantized
@@ -116,15 +113,16 @@ def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
     n_train = sum(t.numel() for t in trainable.values())
     hist = train(peft_model, trainable, data, p, desc="lora")
     peft_model.to("cpu")
-    save_adapter(peft_model, out / ADAPTER_DIR)
     if merge:
+        save_adapter(peft_model, out / ADAPTER_DIR)  # kept for reference; the weights below include it
         merged = peft_model.merge_and_unload()
-        save_model(merged, tok, out, fmt=FORMAT, saver=save_hf, base=base_meta, adapter=ADAPTER_DIR,
-                   merged=True, method="lora")
+        hf.save(merged, tok, out)
+        formats.write_meta(out, {"format": FORMAT, "base": base_meta, "adapter": ADAPTER_DIR, "merged": True,
+                                 "method": "lora"})
         result = merged
     else:
-        save_model(peft_model, tok, out, fmt=FORMAT, saver=_no_files, base=base_meta, adapter=ADAPTER_DIR,
-                   merged=False, method="lora")
+        # The frozen base is in ``out`` already; the LoRA format's saver adds the adapter.
+        formats.save_model(peft_model, tok, out, FORMAT, base=base_meta, method="lora")
         result = peft_model.get_base_model()
     info["merged"] = merge
     print(f"[pqflow] lora: r={p.r} on {len(p.target_modules)} module kinds, {n_train:,} trainable params, "
@@ -135,7 +133,7 @@ def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
 def _wrap(model: nn.Module, p: Params) -> nn.Module:
     from peft import get_peft_model
 
-    from pqflow.methods.tuning.lora_layer import lora_config
+    from pqflow.quant.lora_layer import lora_config
 
     cfg = lora_config(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.target_modules),
                       init_lora_weights="gaussian" if p.init == "gaussian" else True, bias="none")

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
+from pqflow import formats
+from pqflow.formats import bitsandbytes, packed
 from pqflow.methods.tuning.common import Base, Tuned
 from pqflow.methods.tuning.train import TrainData, TrainParams, resolve_device, train
-from pqflow.models import save_model
 from pqflow.quant import QuantEmbedding
-from pqflow.quant.model import FORMAT as QFORMAT
-from pqflow.quant.model import quantized_modules, save_quantized
+from pqflow.quant.model import quantized_modules
 
 
 class Params(TrainParams):
@@ -30,7 +30,8 @@ class Params(TrainParams):
 def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
     model, tok = base.model, base.tokenizer
     out.mkdir(parents=True, exist_ok=True)
-    if base.meta.get("backend") == "bitsandbytes":
+    # A backend field marks a bitsandbytes model saved before pqflow-bnb had its own name.
+    if base.fmt == bitsandbytes.NAME or base.meta.get("backend") == "bitsandbytes":
         raise ValueError("peqa tunes pqflow's packed scales; bitsandbytes layers have none to train (use lora)")
     qmods = {n: m for n, m in quantized_modules(model).items()
              if p.include_embeddings or not isinstance(m, QuantEmbedding)}
@@ -64,7 +65,7 @@ def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
             old = scales_before[n]
             drift.append(float(((m.scales.float() - old).abs() / old.abs().clamp_min(1e-12)).mean()))
     meta = {k: v for k, v in base.meta.items() if k != "format"}
-    save_model(model, tok, out, fmt=QFORMAT, saver=save_quantized, **{**meta, "tuned": "peqa"})
+    formats.save_model(model, tok, out, packed.NAME, **{**meta, "tuned": "peqa"})
     print(f"[pqflow] peqa: {n_train:,} trainable scales in {len(qmods)} packed modules", file=sys.stderr)
     info = {"tuned_modules": len(qmods), "scale_rel_change": sum(drift) / len(drift)}
     return Tuned(model.eval(), hist, n_train, info)
