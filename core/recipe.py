@@ -148,6 +148,9 @@ class BitSearchStage(MethodStage):
         max_length=64,
         description="precisions to choose from: '<bits>g<group>', '<bits>pc' (per row) or '16' (keep in fp16)")
     symmetric: bool = Field(False, description="symmetric grids (no zero points), as the quantize stage will use")
+    target: Literal["any", "vllm", "llama.cpp"] = Field(
+        "any", description="the engine that will serve the model: only the choices its kernels take are searched "
+        "and the linears it fuses (vllm: q/k/v, gate/up) share one scheme, so the allocation always exports")
     objective: Literal["kl", "nll"] = Field("kl", description="measured on held-out tokens: KL to the full model's logits, or NLL")
     heldout_windows: int = Field(8, ge=1, le=MAX_WINDOWS, description="held-out windows the objective is measured "
                                  f"on; heldout_windows × heldout_seqlen at most {MAX_TOKENS:,} tokens")
@@ -159,6 +162,17 @@ class BitSearchStage(MethodStage):
     @model_validator(mode="after")
     def _token_budget(self) -> BitSearchStage:
         check_tokens(self.heldout_windows, self.heldout_seqlen, "heldout_windows x heldout_seqlen")
+        return self
+
+    @model_validator(mode="after")
+    def _target_runs_a_choice(self) -> BitSearchStage:
+        from pqflow.methods.bitsearch.space import parse_choice
+        from pqflow.methods.bitsearch.targets import TARGETS
+
+        allowed, refused = TARGETS[self.target].allowed([parse_choice(c) for c in self.choices], self.symmetric)
+        if not allowed:
+            why = "; ".join(f"{c}: {w}" for c, w in refused.items())
+            raise ValueError(_short(f"target {self.target} runs none of the choices ({why})", 400))
         return self
 
     @field_validator("choices")

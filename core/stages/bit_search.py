@@ -33,6 +33,7 @@ from pqflow.methods.bitsearch.evaluator import Evaluator, WeightFn
 from pqflow.methods.bitsearch.fakequant import weight_fn_for
 from pqflow.methods.bitsearch.plots import bits_heatmap, pareto_plot
 from pqflow.methods.bitsearch.space import SearchSpace, parse_choice
+from pqflow.methods.bitsearch.targets import TARGETS
 from pqflow.recipe import Recipe
 from pqflow.runtime import peak_rss_mb
 from pqflow.stages.common import input_model, write_json
@@ -67,8 +68,19 @@ def heldout_windows(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
 
 
 def build_space(recipe: Recipe, model: torch.nn.Module) -> SearchSpace:
+    """The recipe's choices that its serving target runs, with the target's fused linears tied."""
     cfg = recipe.stages.bit_search
-    return SearchSpace.build(model, cfg.granularity, [parse_choice(c) for c in cfg.choices], cfg.symmetric)
+    target = TARGETS[cfg.target]
+    choices, _ = target.allowed([parse_choice(c) for c in cfg.choices], cfg.symmetric)
+    return SearchSpace.build(model, cfg.granularity, choices, cfg.symmetric, tie=target.tie_key)
+
+
+def target_info(recipe: Recipe, space: SearchSpace) -> dict[str, Any]:
+    """The serving target, the recipe's choices it refused (and why) and the linears it tied."""
+    cfg = recipe.stages.bit_search
+    _, refused = TARGETS[cfg.target].allowed([parse_choice(c) for c in cfg.choices], cfg.symmetric)
+    tied = [u for u, mods in zip(space.units, space.unit_modules, strict=True) if len(mods) > 1]
+    return {"name": cfg.target, "refused": refused, "tied_units": len(tied) if cfg.granularity == "linear" else 0}
 
 
 def fake_quantizer(recipe: Recipe, calib: Calibration | None) -> tuple[WeightFn, str]:
@@ -94,7 +106,7 @@ def worker_evaluator(recipe_json: dict[str, Any], model_dir: str | None, calib_d
 def write_outputs(ctx: SearchContext, best: Any, method: str, out: Path, seconds: float) -> dict[str, Any]:
     space, trials = ctx.space, ctx.trials
     front = trials.pareto()
-    extra = {"method": method, "objective": ctx.objective, "objective_value": best.objective,
+    extra = {"method": method, "target": ctx.info.get("target", {}).get("name", "any"), "objective": ctx.objective, "objective_value": best.objective,
              "heldout_ppl": float(np.exp(best.nll)), "budget_bytes": ctx.budget, "trial": best.index}
     write_json(out / "allocation.json", space.allocation_json(best.alloc, **extra))
     write_json(out / "trials.json", {"objective": ctx.objective, "budget_bytes": ctx.budget,
@@ -137,6 +149,9 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
                                str(inputs["calib"].path), heldout),
     )
     ctx.info["fake_quant"] = fq_name
+    ctx.info["target"] = target_info(recipe, space)
+    if ctx.info["target"]["refused"]:
+        print(f"[pqflow] bit-search: target {cfg.target} drops {ctx.info['target']['refused']}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     print(f"[pqflow] bit-search: {cfg.method}, {space.n_units} {cfg.granularity} units x "
           f"{len(space.choices)} choices, budget {budget} B ({8 * budget / space.n_weights:.3f} bits)", file=sys.stderr)

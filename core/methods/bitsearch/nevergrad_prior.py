@@ -56,9 +56,11 @@ class Params(BaseModel):
 
 
 def kinds(space: SearchSpace) -> tuple[list[str], np.ndarray]:
-    """The linear kinds present (last name component) and each unit's kind index; a decoder-layer
-    unit (granularity ``layer``) has the single kind ``layer``."""
-    names = [mods[0].rsplit(".", 1)[1] if len(mods) == 1 else "layer" for mods in space.unit_modules]
+    """The linear kinds present (last name component; ``q_proj+k_proj+v_proj`` for linears a target
+    ties) and each unit's kind index; a decoder-layer unit (granularity ``layer``) has the single
+    kind ``layer``."""
+    names = ["layer" if space.granularity == "layer" else "+".join(m.rsplit(".", 1)[1] for m in mods)
+             for mods in space.unit_modules]
     uniq = list(dict.fromkeys(names))
     return uniq, np.array([uniq.index(n) for n in names])
 

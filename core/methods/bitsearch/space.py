@@ -12,7 +12,7 @@ modules (codes, fp16 scales, uint8 zeros, bias) and fp16 for a module kept in fl
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,8 +98,10 @@ class SearchSpace:
     granularity: str = "linear"
 
     @classmethod
-    def build(cls, model: nn.Module, granularity: str, choices: Sequence[Choice], symmetric: bool = False
-              ) -> SearchSpace:
+    def build(cls, model: nn.Module, granularity: str, choices: Sequence[Choice], symmetric: bool = False,
+              tie: Callable[[str], str] | None = None) -> SearchSpace:
+        """``tie``: module name -> unit name, for linears that must share a scheme (an engine's
+        fused q/k/v, gate/up) when the granularity is ``linear``."""
         linears = decoder_linears(model)
         if not linears:
             raise ValueError("the model has no decoder linears to allocate bits to")
@@ -109,7 +111,9 @@ class SearchSpace:
             units = list(dict.fromkeys(layer_of(n) for n in modules))
             unit_modules = [[n for n in modules if layer_of(n) == u] for u in units]
         elif granularity == "linear":
-            units, unit_modules = list(modules), [[n] for n in modules]
+            key = tie or (lambda n: n)
+            units = list(dict.fromkeys(key(n) for n in modules))
+            unit_modules = [[n for n in modules if key(n) == u] for u in units]
         else:
             raise RecipeError(f"granularity '{granularity}': expected 'layer' or 'linear'")
         uniq = list(dict.fromkeys(choices))
