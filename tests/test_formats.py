@@ -12,7 +12,7 @@ from torch import nn
 
 from pqflow import formats
 from pqflow.errors import SourceError
-from pqflow.models import MODEL_META, load_model_artifact, save_model
+from pqflow.models import MODEL_META, load_model_artifact
 
 FORMATS_DIR = Path(formats.__file__).parent
 IDS = torch.arange(48).remainder(250).view(2, 24)
@@ -112,15 +112,17 @@ def test_old_bitsandbytes_artifact_labelled_packed_still_loads(tiny, tmp_path: P
     assert torch.equal(_logits(again), _logits(model))
 
 
-def test_quantize_stage_saver_hook_writes_the_bnb_format(tiny, tmp_path: Path):
-    """The quantize stage passes the packed name with a bitsandbytes method's saver; the artifact
-    is named pqflow-bnb all the same."""
+def test_quantize_stage_writes_the_format_its_method_names(tiny_recipe, tmp_path: Path):
     from pqflow.methods.quant import bnb_int8
+    from pqflow.runner import run_stage
 
-    model = _bnb_model(tiny)
-    save_model(model, tiny[1], tmp_path / "m", fmt="pqflow-quant", saver=bnb_int8.save, method="bnb-int8")
-    meta = json.loads((tmp_path / "m" / MODEL_META).read_text())
+    r = tiny_recipe
+    r.stages.quantize.enabled = True
+    r.stages.quantize.method = "bnb-int8"
+    q = run_stage("quantize", r, {}, f"file://{tmp_path}/q")
+    meta = json.loads((tmp_path / "q" / MODEL_META).read_text())
     assert meta["format"] == bnb_int8.FORMAT == "pqflow-bnb" and "backend" not in meta
+    assert type(load_model_artifact(tmp_path / "q").model.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
 
 
 def test_unknown_format_is_one_line(tiny, tmp_path: Path):

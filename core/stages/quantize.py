@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from pqflow import formats
 from pqflow.artifacts import Artifact
 from pqflow.calibration import WINDOWS_FILE, Calibration
 from pqflow.data import load_text, sample_windows, tokenize
 from pqflow.methods.quant import REGISTRY
 from pqflow.methods.quant.plan import read_allocation, resolve_plan
-from pqflow.models import param_count, save_model, weight_bytes
-from pqflow.quant.model import FORMAT, quantize_embeddings, quantized_modules, save_quantized
+from pqflow.models import param_count, weight_bytes
+from pqflow.quant.model import FORMAT, quantize_embeddings, quantized_modules
 from pqflow.quant.report import folder_tensor_sizes, module_bytes
 from pqflow.recipe import Recipe
 from pqflow.runtime import peak_rss_mb
@@ -56,13 +57,13 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
     t0 = time.perf_counter()
     model = mod.quantize(model, windows, plan, params)
     seconds = time.perf_counter() - t0
-    saver = getattr(mod, "save", None)
-    if saver is None:
+    fmt = getattr(mod, "FORMAT", FORMAT)  # each method names the model format it writes
+    if getattr(mod, "QUANTIZES_EMBEDDINGS", True):
         quantize_embeddings(model, cfg.embedding_bits, cfg.lm_head_bits, cfg.group_size, cfg.symmetric)
-        saver = save_quantized
     elif cfg.embedding_bits is not None or cfg.lm_head_bits is not None:
-        raise ValueError(f"stages.quantize.embedding_bits/lm_head_bits: not supported by method '{cfg.method}'")
-    save_model(model, loaded.tokenizer, out, fmt=FORMAT, saver=saver, method=cfg.method)
+        raise ValueError(f"stages.quantize.embedding_bits/lm_head_bits: not supported by method '{cfg.method}' "
+                         f"(it writes {fmt})")
+    formats.save_model(model, loaded.tokenizer, out, fmt, method=cfg.method)
     report = bytes_report(model, out, plan, n_params)
     report.update(method=cfg.method, seconds=seconds, peak_rss_mb=peak_rss_mb(),
                   plan={k: v.to_dict() for k, v in plan.items()},

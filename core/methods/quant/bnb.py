@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,11 +26,7 @@ NEEDS_CALIBRATION = False
 FORMAT = bnb_format.NAME  # the model format these methods write
 
 
-def save(model: nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
-    """The quantize stage's saver hook: the ``pqflow-bnb`` format's files. The stage still hands
-    ``save_model`` the packed format's name with this saver, so the format is named here too
-    (the saver's meta wins); a stage that saves under :data:`FORMAT` makes this unnecessary."""
-    return {**bnb_format.save(model, tokenizer, out), "format": FORMAT}
+QUANTIZES_EMBEDDINGS = False  # transformers' bitsandbytes layers: the decoder linears only
 
 
 def bnb_config(kind: str, double_quant: bool = True, threshold: float = 6.0,

@@ -6,10 +6,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pqflow.methods.quant.bnb import FORMAT, NEEDS_CALIBRATION, convert, save
+from pqflow.methods.quant.bnb import FORMAT, NEEDS_CALIBRATION, QUANTIZES_EMBEDDINGS, convert
 from pqflow.methods.quant.plan import Plan
 
-__all__ = ["FORMAT", "NEEDS_CALIBRATION", "Params", "quantize", "save"]
+__all__ = ["FORMAT", "NEEDS_CALIBRATION", "QUANTIZES_EMBEDDINGS", "Params", "quantize"]
 
 
 class Params(BaseModel):
