@@ -299,9 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "type without loss, or re-quantize it to the format's nearest type (lossy, reported)")
     s.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of float tensors")
-    s.add_argument("--uneven", choices=["error", "pad"], default="error",
-                   help="a model pruned to other widths in different layers: fail (default), or zero-pad every "
-                   "layer to the widest (exact and small on disk; the padded heads and channels are computed)")
+    s.add_argument("--uneven", choices=["error", "pad", "native"], default="error",
+                   help="a model pruned to other widths in different layers: fail (default), zero-pad every "
+                   "layer to the widest (pad: exact and small on disk; the padded heads and channels are computed), "
+                   "or native: an architecture with per-layer widths where the format has one (gguf: deci), "
+                   "padding elsewhere")
     s.add_argument("--force", action="store_true", help="export even if the output is up to date")
     s.set_defaults(fn=cmd_export)
 

@@ -221,8 +221,9 @@ class ExportStage(StageBase):
     fallback: Literal["error", "widen", "requant"] = Field(
         "error", description="a layer the format cannot hold exactly: fail, widen it losslessly, or requantize (lossy)")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the float tensors")
-    uneven: Literal["error", "pad"] = Field(
-        "error", description="layers pruned to different widths: fail, or zero-pad to the widest layer")
+    uneven: Literal["error", "pad", "native"] = Field(
+        "error", description="layers pruned to different widths: fail, zero-pad to the widest layer (pad), or "
+        "native: a per-layer-width architecture where the format has one (gguf: deci), padding elsewhere")
 
     @property
     def active(self) -> bool:

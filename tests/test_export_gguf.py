@@ -360,3 +360,28 @@ def test_llama_cpp_scores_a_padded_uneven_export_like_pqflow(tiny, tmp_path):
     theirs = _engine_ppl(path, windows)
     print(f"uneven widths, padded, 4-bit g32 asym: pqflow ppl {ours:.4f}, llama.cpp ppl {theirs:.4f}")
     assert abs(theirs - ours) / ours < 0.005, (theirs, ours)
+
+
+def test_llama_cpp_runs_uneven_widths_natively_as_deci(tiny, tmp_path):
+    # arch deci holds per-layer head counts and MLP widths: no padding, fewer bytes, same ppl
+    from pqflow.methods.prune.plan import PrunePlan
+    from pqflow.methods.prune.surgery import apply_plan
+
+    from .test_export_pad import UNEVEN
+
+    _llama_cpp()
+    model, tok = tiny
+    apply_plan(model, PrunePlan(keep=UNEVEN))
+    src = _quantized((model, tok), tmp_path, group_size=32)
+    path, summary = _export(src, tmp_path, uneven="native")
+    padded_path, padded = _export(src, tmp_path, uneven="pad", name="padded")
+    assert summary["arch"] == "deci" and "padded" not in summary and padded["arch"] == "llama"
+    r = gguf.GGUFReader(path)
+    assert list(r.fields["deci.attention.head_count"].contents()) == [4, 2, 2, 4]
+    assert list(r.fields["deci.attention.head_count_kv"].contents()) == [2, 1, 2, 2]
+    assert list(r.fields["deci.feed_forward_length"].contents()) == [384, 256, 320, 192]
+    assert summary["gguf_bytes"] < padded["gguf_bytes"]
+    ours, windows = _pqflow_ppl(src)
+    theirs = _engine_ppl(path, windows)
+    print(f"uneven widths as deci, 4-bit g32 asym: pqflow ppl {ours:.4f}, llama.cpp ppl {theirs:.4f}")
+    assert abs(theirs - ours) / ours < 0.005, (theirs, ours)

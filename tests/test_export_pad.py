@@ -141,3 +141,9 @@ def test_cli_pads_on_request_and_refuses_by_default(tiny, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["padded"]["to"]["intermediate"] == 384 and summary["bytes"] > 0
     open_artifact(str(tmp_path / "ct"))
+
+
+def test_native_pads_where_the_format_has_no_per_layer_widths(tiny, tmp_path):
+    src = _uneven(tiny, tmp_path)
+    res = export_artifact(src, "hf-dense", f"file://{tmp_path}/dense", ExportOptions(uneven="native"))
+    assert res["padded"]["to"] == {"n_heads": 4, "n_kv_heads": 2, "intermediate": 384}

@@ -24,7 +24,7 @@ FORMATS: dict[str, str] = {
 }
 
 Fallback = Literal["error", "widen", "requant"]
-Uneven = Literal["error", "pad"]
+Uneven = Literal["error", "pad", "native"]
 
 
 class ExportError(PqflowError):
@@ -36,9 +36,10 @@ class ExportOptions:
     """``fallback``: what to do with a layer the format cannot hold exactly: ``error`` (default),
     ``widen`` (a larger type that holds it without loss) or ``requant`` (the nearest type of the
     format, lossy: the export warns and reports the ppl change). ``dtype``: float tensors' dtype.
-    ``uneven``: a model pruned to other widths in different layers: ``error`` (default) or ``pad``
+    ``uneven``: a model pruned to other widths in different layers: ``error`` (default), ``pad``
     (zero rows and columns up to the widest layer: exact and small on disk, but the padded heads and
-    channels are computed again)."""
+    channels are computed again) or ``native`` (an architecture that holds per-layer widths where the
+    format has one, GGUF's ``deci``; padding in the others)."""
 
     fallback: Fallback = "error"
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"

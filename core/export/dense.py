@@ -101,8 +101,9 @@ def _uneven(first: int, fmt: str) -> ExportError:
 
 
 def check_uniform_shapes(src: Path, fmt: str, options: ExportOptions | None = None) -> None:
-    """Fail before the model is loaded when its config lists uneven pruned widths (unless padding)."""
-    if options is not None and options.uneven == "pad":
+    """Fail before the model is loaded when its config lists uneven pruned widths (unless the
+    options pad them or write them natively)."""
+    if options is not None and options.uneven != "error":
         return
     cfg_path = Path(src) / "config.json"
     shapes = (json.loads(cfg_path.read_text()).get(SHAPES_KEY) if cfg_path.is_file() else None) or []
@@ -111,15 +112,17 @@ def check_uniform_shapes(src: Path, fmt: str, options: ExportOptions | None = No
             raise _uneven(i, fmt)
 
 
-def load_for_export(src: Path, fmt: str, options: ExportOptions) -> tuple[LoadedModel, dict | None]:
-    """The model at ``src``, checked for uneven widths before it loads and padded when asked:
-    (the loaded model, the padding summary or None)."""
+def load_for_export(src: Path, fmt: str, options: ExportOptions,
+                    per_layer_widths: bool = False) -> tuple[LoadedModel, dict | None]:
+    """The model at ``src``, checked for uneven widths before it loads and padded when asked
+    (``pad``, or ``native`` for a format that holds no per-layer widths): (the loaded model, the
+    padding summary or None)."""
     from pqflow.export.pad import pad_uniform
 
     check_uniform_shapes(src, fmt, options)
     loaded = load_model_artifact(src)
-    padded = pad_uniform(loaded.model) if options.uneven == "pad" else None
-    return loaded, padded
+    pad = options.uneven == "pad" or (options.uneven == "native" and not per_layer_widths)
+    return loaded, pad_uniform(loaded.model) if pad else None
 
 
 def standard_config(model: nn.Module, fmt: str) -> None:

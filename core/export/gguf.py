@@ -26,6 +26,7 @@ layer is a plain llama with the shrunk sizes; uneven widths fail with the first 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -42,7 +43,7 @@ from gguf import GGMLQuantizationType as QT
 from torch import nn
 
 from pqflow.export import ExportError, ExportOptions
-from pqflow.export.dense import load_for_export, uniform_widths
+from pqflow.export.dense import LayerWidths, layer_widths, load_for_export, uniform_widths
 from pqflow.methods.importance.common import decoder_layers
 from pqflow.quant.linear import QuantLinear, TiedQuantHead
 
@@ -79,6 +80,17 @@ class HParams:
     context: int
     rope_theta: float
     rms_eps: float
+    # per-layer (query heads, KV heads, MLP width) when the layers differ: written as arch ``deci``
+    per_layer: tuple[LayerWidths, ...] | None = None
+
+    @property
+    def arch(self) -> str:
+        return "llama" if self.per_layer is None else "deci"
+
+    def widths(self, layer: int) -> LayerWidths:
+        if self.per_layer is not None:
+            return self.per_layer[layer]
+        return LayerWidths(self.n_heads, self.n_kv_heads, self.intermediate)
 
 
 @dataclass
@@ -130,8 +142,9 @@ def _vocab_rows(emb: nn.Module) -> int:
     return emb.out_features if isinstance(emb, QuantLinear) else emb.weight.shape[0]  # QuantEmbedding: [vocab, dim]
 
 
-def hparams(model: nn.Module) -> HParams:
-    """llama.cpp's hyper-parameters, read off the layers (pruned sizes included)."""
+def hparams(model: nn.Module, per_layer_widths: bool = False) -> HParams:
+    """llama.cpp's hyper-parameters, read off the layers (pruned sizes included). Uneven widths
+    need ``per_layer_widths`` (arch ``deci``, which reads head counts and MLP widths per layer)."""
     cfg = model.config
     if getattr(cfg, "model_type", None) != "llama":
         raise ExportError(f"config: model_type '{getattr(cfg, 'model_type', None)}' is not llama; "
@@ -139,18 +152,22 @@ def hparams(model: nn.Module) -> HParams:
     if getattr(cfg, "mlp_bias", False):
         raise ExportError("model.layers.0.mlp: MLP biases have no place in llama.cpp's llama arch")
     width, first_uneven = uniform_widths(model)
+    per_layer = None
     if first_uneven is not None:
-        raise ExportError(
-            f"model.layers.{first_uneven} has another width than model.layers.0 (pruned unevenly); llama.cpp's "
-            "llama arch holds one width for every layer (per-layer widths need arch 'deci', not written yet): "
-            "prune with allocation 'uniform' for gguf")
+        if not per_layer_widths:
+            raise ExportError(
+                f"model.layers.{first_uneven} has another width than model.layers.0 (pruned unevenly); llama.cpp's "
+                "llama arch holds one width for every layer: export with --uneven native (arch deci) or pad")
+        per_layer = tuple(layer_widths(model))
+        width = per_layer[0]
     layers = decoder_layers(model)
     attn = layers[0].self_attn
     return HParams(
         n_layers=len(layers), hidden=attn.q_proj.in_features, n_heads=width.n_heads,
         n_kv_heads=width.n_kv_heads, head_dim=attn.head_dim, intermediate=width.intermediate,
         vocab=_vocab_rows(model.get_input_embeddings()),
-        context=int(cfg.max_position_embeddings), rope_theta=_rope_theta(cfg), rms_eps=float(cfg.rms_norm_eps))
+        context=int(cfg.max_position_embeddings), rope_theta=_rope_theta(cfg), rms_eps=float(cfg.rms_norm_eps),
+        per_layer=per_layer)
 
 
 def rope_permutation(rows: int, n_head: int) -> np.ndarray:
@@ -360,9 +377,10 @@ def collect_tensors(model: nn.Module, hp: HParams, options: ExportOptions,
     out: list[tuple[str, Encoded]] = []
     inner = getattr(model, "model", model)
     out.append(("token_embd.weight", encode_module("model.embed_tokens", inner.embed_tokens, None, options, report)))
-    perms = {"attn_q": rope_permutation(hp.n_heads * hp.head_dim, hp.n_heads),
-             "attn_k": rope_permutation(hp.n_kv_heads * hp.head_dim, hp.n_kv_heads)}
     for i, layer in enumerate(decoder_layers(model)):
+        w = hp.widths(i)
+        perms = {"attn_q": rope_permutation(w.n_heads * hp.head_dim, w.n_heads),
+                 "attn_k": rope_permutation(w.n_kv_heads * hp.head_dim, w.n_kv_heads)}
         for hf_name, gg_name in _LAYER_TENSORS:
             mod = layer.get_submodule(hf_name)
             full = f"model.layers.{i}.{hf_name}"
@@ -426,9 +444,14 @@ def write_metadata(writer: gguf.GGUFWriter, hp: HParams, name: str, file_type: Q
     writer.add_context_length(hp.context)
     writer.add_embedding_length(hp.hidden)
     writer.add_block_count(hp.n_layers)
-    writer.add_feed_forward_length(hp.intermediate)
-    writer.add_head_count(hp.n_heads)
-    writer.add_head_count_kv(hp.n_kv_heads)
+    if hp.per_layer is None:
+        writer.add_feed_forward_length(hp.intermediate)
+        writer.add_head_count(hp.n_heads)
+        writer.add_head_count_kv(hp.n_kv_heads)
+    else:  # arch deci: one entry per layer
+        writer.add_feed_forward_length([w.intermediate for w in hp.per_layer])
+        writer.add_head_count([w.n_heads for w in hp.per_layer])
+        writer.add_head_count_kv([w.n_kv_heads for w in hp.per_layer])
     # explicit: after head pruning head_dim != hidden / heads, llama.cpp's default
     writer.add_key_length(hp.head_dim)
     writer.add_value_length(hp.head_dim)
@@ -501,15 +524,15 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, n_vocab: int) -> di
 # -- the format -------------------------------------------------------------------------------
 
 def export(src: Path, out: Path, options: ExportOptions) -> dict[str, Any]:
-    loaded, padded = load_for_export(src, "gguf (arch llama)", options)
+    loaded, padded = load_for_export(src, "gguf (arch llama)", options, per_layer_widths=True)
     model = _unwrap(loaded.model)
-    hp = hparams(model)
+    hp = hparams(model, per_layer_widths=options.uneven == "native")
     report = Report()
     # every tensor is encoded (and every error raised) before the file is opened
     tensors = collect_tensors(model, hp, options, report)
     file_type = QT[report.linear_types.most_common(1)[0][0]]
     path = out / GGUF_NAME
-    writer = _Writer(path, "llama")
+    writer = _Writer(path, hp.arch)
     write_metadata(writer, hp, Path(src).name or "pqflow", file_type)
     tok = write_tokenizer(writer, loaded.tokenizer, hp.vocab)
     for name, enc in tensors:
@@ -529,10 +552,11 @@ def export(src: Path, out: Path, options: ExportOptions) -> dict[str, Any]:
             log.warning("re-quantized %d layers; the ppl change is not measured: %s", len(report.requantized),
                         cost["why"])
     return {
-        "file": GGUF_NAME, "arch": "llama", "file_type": file_type.name, "gguf_bytes": path.stat().st_size,
+        "file": GGUF_NAME, "arch": hp.arch, "file_type": file_type.name, "gguf_bytes": path.stat().st_size,
         "tensor_types": dict(sorted(report.types.items())), "linear_types": dict(sorted(report.linear_types.items())),
         "fallback": options.fallback, "widened": report.widened, "requantized": report.requantized,
         "lossless": not report.requantized, **({"requant_ppl": cost} if cost else {}), "n_layers": hp.n_layers, "n_heads": hp.n_heads,
         "n_kv_heads": hp.n_kv_heads, "intermediate": hp.intermediate, **tok,
+        **({"per_layer_widths": [list(dataclasses.astuple(w)) for w in hp.per_layer]} if hp.per_layer else {}),
         **({"padded": padded} if padded else {}),
     }
