@@ -247,3 +247,26 @@ def test_padded_uneven_export_scores_pqflow_ppl_in_clean_transformers_venv(tiny,
     assert res.returncode == 0, res.stderr[-3000:]
     theirs = json.loads(res.stdout.strip().splitlines()[-1])["padded"]
     assert abs(theirs["ppl"] - ours) / ours < 1e-3, (theirs, ours)
+
+
+def test_readme_loader_reads_a_mixed_export_in_the_clean_venv(tiny, tmp_path):
+    """The README's transformers snippet for mixed-scheme exports (what `from_pretrained` cannot
+    load yet) runs as printed, without pqflow, and computes pqflow's logits."""
+    import re
+
+    py = _clean_venv()
+    src = _artifact(tiny, tmp_path / "mixed", bits=4, group=64, extra=MIXED)
+    _export(src, tmp_path / "ct", dtype="float32")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"let compressed-tensors decompress.*?```python\n(.*?)```", readme, re.S).group(1)
+    snippet = snippet.replace('"pqflow-artifacts/smollm2-demo/export/compressed-tensors"', repr(str(tmp_path / "ct")))
+    ids = [[1, 5, 9, 30, 70, 120, 7, 3]]
+    snippet += (f"\nwith torch.no_grad():\n    print('LOGITS', json.dumps(model(torch.tensor({ids})).logits[0].tolist()))\n"
+                "import sys\nassert not any(m.startswith('pqflow') for m in sys.modules)\n")
+    res = subprocess.run([str(py), "-c", snippet], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": ""}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    theirs = torch.tensor(json.loads(res.stdout.split("LOGITS ", 1)[1].splitlines()[0]))
+    with torch.no_grad():
+        ours = load_model_artifact(src).model(torch.tensor(ids)).logits[0]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
