@@ -251,6 +251,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pqflow import services
+    from pqflow.tracking import configure, promote, talking_to
+
+    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        svc = services.running(args.state_dir)
+        if svc is None:
+            raise PqflowError("no MLflow to promote in: pass --mlflow-uri, set MLFLOW_TRACKING_URI or run `pqflow up`")
+        os.environ.update(svc.env())
+        uri = svc.mlflow_url
+    client = configure(uri)
+    with talking_to(uri, f"promoting {args.name} version {args.version}"):
+        d = promote(client, args.name, args.version, args.alias)
+    print(f"models:/{args.name}@{args.alias} -> version {d['version']}: {d['reason'].split(':')[0]}")
+    for c in d["checks"]:
+        print(f"  {c['check']}: {c['value']:.4g} <= {c['limit']:.4g}")
+    return 0
+
+
 def cmd_recipe_doc(args: argparse.Namespace) -> int:
     from pqflow.recipe_doc import render_reference
 
@@ -333,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_args(s)
     _cluster_args(s)
     s.set_defaults(fn=cmd_schedule)
+
+    s = sub.add_parser("promote", help="move an alias (champion) to a registered version after re-checking "
+                       "its quality gate from the version's logged metrics")
+    s.add_argument("name", help="registered model name")
+    s.add_argument("--version", required=True, help="model version number")
+    s.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+    s.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the services "
+                   "of `pqflow up`)")
+    s.add_argument("--state-dir", help="state folder of `pqflow up` (default: $PQFLOW_STATE_DIR or ./pqflow-runs/services)")
+    s.set_defaults(fn=cmd_promote)
 
     s = sub.add_parser("recipe-doc", help="print the recipe reference (docs/recipe.md)")
     s.set_defaults(fn=cmd_recipe_doc)

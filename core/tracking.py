@@ -31,7 +31,7 @@ from typing import Any
 from pqflow import __version__
 from pqflow.artifacts import canonical_digest, is_s3, join, local_path, read_manifest
 from pqflow.errors import PqflowError
-from pqflow.recipe import Recipe
+from pqflow.recipe import QualityGate, Recipe
 from pqflow.runner import StageOutcome
 from pqflow.stages import get_stage
 from pqflow.watchdog import scratch_dir
@@ -349,9 +349,9 @@ def log_step(client: Any, parent_id: str, recipe: Recipe, step: str, outcome: St
 
 # -- registry -----------------------------------------------------------------------------------------
 
-def gate_decision(recipe: Recipe, final: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
-    """Does ``final`` (evaluate summary) pass the recipe's quality gate against ``baseline``?"""
-    gate = recipe.tracking.gate
+def gate_decision(recipe: Recipe | QualityGate, final: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """Does ``final`` (evaluate summary) pass the recipe's quality gate (or ``gate``) against ``baseline``?"""
+    gate = recipe.tracking.gate if isinstance(recipe, Recipe) else recipe
     checks: list[dict[str, Any]] = []
     if gate.max_ppl_increase is not None:
         if baseline is None or "ppl" not in baseline:
@@ -383,6 +383,54 @@ def gate_decision(recipe: Recipe, final: dict[str, Any], baseline: dict[str, Any
             "model_bytes": final.get("model_bytes")}
 
 
+def logged_gate(client: Any, name: str, version: str) -> tuple[QualityGate, dict[str, Any], dict[str, Any] | None, Any]:
+    """(gate, final metrics, baseline metrics or None, model version) as the registry and the tracking
+    server hold them for version ``version`` of ``name``: the metrics its ``evaluate`` run logged, the
+    ``evaluate-baseline`` run of the same pipeline run, and the gate that run was started with."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise PqflowError(f"model {name!r} has no version {version!r} in the registry "
+                          f"({_one_line(getattr(e, 'message', str(e)), 120)})") from None
+    run_id = mv.tags.get("pqflow.mlflow_run") or mv.run_id
+    if not run_id:
+        raise PqflowError(f"models:/{name}/{version} names no evaluate run (tag pqflow.mlflow_run): "
+                          "it was not registered by pqflow")
+    run = client.get_run(run_id)
+    final = dict(run.data.metrics)
+    if "ppl" not in final:
+        raise PqflowError(f"models:/{name}/{version}: its run {run_id} logged no ppl metric")
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    if not parent_id:
+        raise PqflowError(f"models:/{name}/{version}: its run {run_id} has no parent pipeline run")
+    parent = client.get_run(parent_id)
+    gate_params = {k.split(".", 1)[1]: v for k, v in parent.data.params.items() if k.startswith("gate.")}
+    gate = QualityGate(**{k: (None if v == "None" else v) for k, v in gate_params.items()
+                          if k in QualityGate.model_fields})
+    siblings = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_id}' and tags.`pqflow.step` = '{BASELINE_STEP}'",
+                                  max_results=1)
+    baseline = dict(siblings[0].data.metrics) if siblings else None
+    return gate, final, baseline, mv
+
+
+def promote(client: Any, name: str, version: str, alias: str = "champion") -> dict[str, Any]:
+    """Move ``alias`` to version ``version`` of ``name`` only when the quality gate, re-checked from the
+    version's logged metrics, holds; otherwise raise a PqflowError with the reason (nothing moves)."""
+    gate, final, baseline, mv = logged_gate(client, name, version)
+    decision = gate_decision(gate, final, baseline)
+    if not decision["champion"]:
+        reason = decision["reason"].replace(": champion is left unchanged", "")
+        raise PqflowError(f"refusing to move {name}@{alias} to version {mv.version}: {reason}")
+    version = str(mv.version)
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "pqflow.gate", "passed")
+    decision.update(model=name, version=version, alias=alias)
+    return decision
+
+
 def _model_key(recipe: Recipe, outcome: StageOutcome) -> str:
     from pqflow.model_exports import model_key
 
@@ -403,6 +451,18 @@ def _model_folder(recipe: Recipe, outcome: StageOutcome, tmp: Path) -> Path:
     return save_model(loaded.model, loaded.tokenizer, tmp / "model")
 
 
+def chat_template_source(folder: Path) -> str:
+    """"tokenizer" when the model folder's tokenizer has a chat template, else "default" (the ChatML
+    template :mod:`pqflow.generate` falls back to)."""
+    if any(folder.rglob("chat_template.jinja")):
+        return "tokenizer"
+    for cfg in folder.rglob("tokenizer_config.json"):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(cfg.read_text()).get("chat_template"):
+                return "tokenizer"
+    return "default"
+
+
 def register(client: Any, parent_id: str, child_id: str, recipe: Recipe, root: str,
              outcome: StageOutcome) -> dict[str, Any]:
     """Log + register the evaluated model (reusing a version with the same weights), set aliases."""
@@ -421,30 +481,41 @@ def register(client: Any, parent_id: str, child_id: str, recipe: Recipe, root: s
     except Exception:  # noqa: BLE001 - no such registered model yet
         version = None
     reused = version is not None
+    decision = gate_decision(recipe, final, baseline)
     if not reused:
+        from pqflow.model_card import CARD_FILE, model_card, step_manifests
+        from pqflow.model_card import version_tags as describe
+
         ev = recipe.stages.evaluate
         export = outcome.inputs.get("export")
+        export_tags: dict[str, str] = {}
+        if export is not None:
+            from pqflow.model_exports import version_tags
+
+            export_tags = version_tags(export)
+        manifests = step_manifests(recipe, root)
         with scratch_dir("model") as tmp:
             folder = _model_folder(recipe, outcome, Path(tmp))
+            template = chat_template_source(folder)
+            card = model_card(recipe, name, final, baseline, manifests, decision, template, export_tags)
+            card_file = Path(tmp) / "card" / CARD_FILE
+            card_file.parent.mkdir(parents=True)
+            card_file.write_text(card)
             exports = None
             if export is not None:
                 from pqflow.model_exports import stage_files
 
                 exports = stage_files(export, Path(tmp))
             info = _log_pyfunc(child_id, folder, name, ev.seqlen, ev.max_windows or 0, ev.batch_size,
-                               ev.data.source, ev.data.field, exports)
+                               ev.data.source, ev.data.field, exports, card_file)
         version = str(info.registered_model_version)
         tags = {"pqflow.model_key": key, "pqflow.run_key": client.get_run(parent_id).data.tags.get(
                 "pqflow.run_key", ""), "pqflow.mlflow_run": child_id, "pqflow.recipe": recipe.name,
-                "ppl": f"{final.get('ppl')}", "model_bytes": f"{final.get('model_bytes')}"}
-        if export is not None:
-            from pqflow.model_exports import version_tags
-
-            tags.update(version_tags(export))
+                **describe(recipe, final, baseline, manifests, template), **export_tags}
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
+        client.update_model_version(name, version, description=card)
     client.set_registered_model_alias(name, "candidate", version)
-    decision = gate_decision(recipe, final, baseline)
     decision.update(model=name, version=version, reused_version=reused)
     if decision["champion"]:
         client.set_registered_model_alias(name, "champion", version)
@@ -460,27 +531,64 @@ def register(client: Any, parent_id: str, child_id: str, recipe: Recipe, root: s
             "gate_reason": decision["reason"], "parent_run_id": parent_id}
 
 
-def _log_pyfunc(run_id: str, folder: Path, name: str, seqlen: int, max_windows: int, batch_size: int,
-                data: str, field: str, exports: Path | None = None):
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
+def serving_signature(seqlen: int = 512, max_windows: int = 0, batch_size: int = 4):
+    """The registered model's signature: an OpenAI-style chat (``messages``) or completion
+    (``prompt``) request in, MLflow's chat completion response out (a completion request gets the
+    ``text_completion`` shape, see :mod:`pqflow.pyfunc_model`); ``params`` select the mode
+    (``generate`` | ``perplexity`` | ``logits``) and the perplexity protocol."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.llm import CHAT_MODEL_OUTPUT_SCHEMA
+    from mlflow.types.schema import Array, ColSpec, DataType, Object, ParamSchema, ParamSpec, Property, Schema
 
-    sig = infer_signature(pd.DataFrame({"text": ["a b c"]}),
-                          pd.DataFrame({"ppl": [1.0], "nll": [0.0], "windows": [1.0], "tokens": [1.0]}),
-                          params={"seqlen": seqlen, "max_windows": max_windows, "batch_size": batch_size})
+    message = Object([Property("role", DataType.string), Property("content", DataType.string)])
+    inputs = Schema([
+        ColSpec(Array(message), "messages", required=False),
+        ColSpec(DataType.string, "prompt", required=False),
+        ColSpec(DataType.double, "temperature", required=False),
+        ColSpec(DataType.long, "max_tokens", required=False),
+        ColSpec(DataType.double, "top_p", required=False),
+        ColSpec(Array(DataType.string), "stop", required=False),
+        ColSpec(DataType.long, "seed", required=False),
+    ])
+    params = ParamSchema([
+        ParamSpec("mode", DataType.string, "generate"),
+        ParamSpec("return_token_ids", DataType.boolean, False),
+        ParamSpec("seqlen", DataType.long, seqlen),
+        ParamSpec("max_windows", DataType.long, max_windows),
+        ParamSpec("batch_size", DataType.long, batch_size),
+    ])
+    return ModelSignature(inputs=inputs, outputs=CHAT_MODEL_OUTPUT_SCHEMA, params=params)
+
+
+INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                 "max_tokens": 16, "temperature": 0.0}
+TASK = "llm/v1/chat"
+
+
+def _log_pyfunc(run_id: str, folder: Path, name: str, seqlen: int, max_windows: int, batch_size: int,
+                data: str, field: str, exports: Path | None = None, card: Path | None = None):
+    import mlflow
+
+    sig = serving_signature(seqlen, max_windows, batch_size)
     active = mlflow.active_run()
     if active is not None and active.info.run_id != run_id:
         raise PqflowError("an unrelated MLflow run is active in this process")
+    extra = {"exports": str(exports)} if exports else {}
+    if card is not None:
+        extra["model_card"] = str(card)
     with mlflow.start_run(run_id=run_id, nested=False), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # type-hint and input-example hints
+        warnings.simplefilter("ignore", UserWarning)  # type-hint hints
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
-            # exports ride along as files of the version (artifacts/exports/<format>/); predict ignores them
-            artifacts={"model": str(folder), **({"exports": str(exports)} if exports else {})},
+            # exports ride along as files of the version (artifacts/exports/<format>/); predict ignores
+            # them; the model card as artifacts/model_card/README.md
+            artifacts={"model": str(folder), **extra},
             signature=sig,
+            input_example=INPUT_EXAMPLE,
+            model_config={"model_name": name},
             registered_model_name=name,
-            metadata={"pqflow_version": __version__, "eval_data": data, "eval_field": field},
+            metadata={"task": TASK, "tasks": [TASK, "llm/v1/completions"], "pqflow_version": __version__,
+                      "eval_data": data, "eval_field": field},
             pip_requirements=[f"pqflow=={__version__}", "torch", "transformers", "safetensors", "pandas"],
         )

@@ -132,7 +132,7 @@ def test_candidate_loads_back_and_reproduces_ppl(env, first_run):
     assert "pyfunc_model.py" in (local / "MLmodel").read_text()
     model = mlflow.pyfunc.load_model("models:/tiny-track@candidate")
     text = load_text("wikitext2", "test")
-    out = model.predict(pd.DataFrame({"text": [text]}))
+    out = model.predict(pd.DataFrame({"prompt": [text]}), params={"mode": "perplexity"})
     assert out["ppl"][0] == pytest.approx(logged, rel=1e-5)
     assert out["windows"][0] == 8
 
