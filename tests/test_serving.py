@@ -43,6 +43,23 @@ def _recipe(name: str, bits: int = 4, gate: dict | None = None, export: list[str
     return parse_recipe(data)
 
 
+DOC_NAME, DOC_PORT = "smollm2-demo", "5001"
+
+
+def _doc(text: str, port: int) -> str:
+    return text.replace(DOC_NAME, NAME).replace(DOC_PORT, str(port))
+
+
+def _doc_serve_command(port: int) -> list[str]:
+    """docs/serving.md's `mlflow models serve` line, for the tiny model on ``port``."""
+    import shlex
+
+    line = next(ln for ln in DOC.read_text().splitlines() if ln.startswith("mlflow models serve"))
+    cmd = shlex.split(_doc(line, port))
+    assert cmd[:3] == ["mlflow", "models", "serve"] and "--env-manager" in cmd and "127.0.0.1" in cmd
+    return [MLFLOW, *cmd[1:]]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,8 +90,7 @@ def server(registry):
     port = _free_port()
     # as in an activated venv: mlflow starts `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(MLFLOW).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen([MLFLOW, "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-                             "-h", "127.0.0.1", "-p", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_doc_serve_command(port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp, env=env, start_new_session=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
@@ -264,3 +280,33 @@ def test_promote_rechecks_the_gate(registry):
     assert str(c.get_model_version_by_alias(NAME, "champion").version) == "1"
     p = _promote(uri, "--version", "9")
     assert p.returncode != 0 and "has no version '9'" in p.stderr
+
+
+def test_the_docs_requests_run_as_shown(server):
+    """docs/serving.md's curl requests against the server started by its serve command."""
+    port = int(server.rsplit(":", 1)[1])
+    lines = [ln for ln in DOC.read_text().splitlines() if ln.startswith(f"curl -s http://127.0.0.1:{DOC_PORT}/")]
+    assert len(lines) == 2
+    objects = []
+    for ln in lines:
+        p = subprocess.run(["bash", "-c", _doc(ln, port)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        objects.append(json.loads(p.stdout)["object"])
+    assert objects == ["chat.completion", "text_completion"]
+
+
+def test_the_docs_llama_cpp_snippet_runs_on_the_versions_gguf(registry, tmp_path):
+    import shutil
+
+    import mlflow
+
+    pytest.importorskip("llama_cpp")
+    uri, _, _, _ = registry
+    mlflow.set_tracking_uri(uri)
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1"))
+    shutil.copy(files / "artifacts" / "exports" / "gguf" / "model.gguf", tmp_path / "model.gguf")
+    text = DOC.read_text()
+    start = text.index("from llama_cpp import Llama")
+    snippet = text[start:text.index("```", start)]
+    p = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
