@@ -61,7 +61,8 @@ uri, name, recipe_path = sys.argv[1:4]
 ev = load_recipe(recipe_path).stages.evaluate
 mlflow.set_tracking_uri(uri)
 m = mlflow.pyfunc.load_model(f"models:/{name}@candidate")
-print(float(m.predict(pd.DataFrame({"text": [load_text(ev.data.source, "test", ev.data.field)]}))["ppl"][0]))
+out = m.predict({"prompt": load_text(ev.data.source, "test", ev.data.field)}, params={"mode": "perplexity"})
+print(float(out["ppl"][0] if hasattr(out, "columns") else out[0]["ppl"]))
 """
 
 

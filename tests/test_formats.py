@@ -119,7 +119,7 @@ def test_quantize_stage_writes_the_format_its_method_names(tiny_recipe, tmp_path
     r = tiny_recipe
     r.stages.quantize.enabled = True
     r.stages.quantize.method = "bnb-int8"
-    q = run_stage("quantize", r, {}, f"file://{tmp_path}/q")
+    run_stage("quantize", r, {}, f"file://{tmp_path}/q")
     meta = json.loads((tmp_path / "q" / MODEL_META).read_text())
     assert meta["format"] == bnb_int8.FORMAT == "pqflow-bnb" and "backend" not in meta
     assert type(load_model_artifact(tmp_path / "q").model.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
