@@ -27,7 +27,8 @@ there for the command that made each; its sha256 is in the row's provenance inpu
 
 ``--calib-windows`` sets the calibration windows the quantize stage draws for methods that need them
 (gptq, mrem; default 128, the quantize bench's setting; the row records it, and a model built with
-another count is cached under its own name).
+another count is cached under its own name). ``--quant-params JSON`` passes the quantize method's
+params (e.g. ``'{"steps": 10}'`` for a shorter MREM; recorded as the row's ``quant_params``).
 
     python bench/export.py --formats compressed-tensors --calib-windows 32 --configs gptq-4g64,mrem-4g64
     python bench/export.py --formats compressed-tensors --calib-windows 32 --configs gptq@search-3.0 \
@@ -161,14 +162,15 @@ def own_peak_rss_mb() -> float:
 
 # -- artifacts: the quantized models and the unquantized one --------------------------------------
 
-def quant_recipe(work: Path, config: str, calib_windows: int = CALIB_WINDOWS) -> dict:
+def quant_recipe(work: Path, config: str, calib_windows: int = CALIB_WINDOWS, params: dict | None = None) -> dict:
+    quantize = {"enabled": True, **parse_config(config)} | ({"params": params} if params else {})
     return {
         "name": "bench-export",
         "model": {"source": "smollm2-135m"},
         "stages": {
             # used by methods that need calibration (gptq, mrem): the quantize bench's setting by default
             "calibrate": {"n_windows": calib_windows, "seqlen": SEQLEN, "seed": 0},
-            "quantize": {"enabled": True, **parse_config(config)},
+            "quantize": quantize,
         },
         "storage": {"root": f"file://{work}"},
     }
@@ -199,17 +201,24 @@ def calibrated(config: str) -> bool:
     return config != FP16 and getattr(REGISTRY.module(parse_config(config)["method"]), "NEEDS_CALIBRATION", False)
 
 
-def quantized_artifact(work: Path, config: str, calib_windows: int = CALIB_WINDOWS) -> Path:
+def params_tag(params: dict | None) -> str:
+    """A cache-name suffix for non-default method params."""
+    if not params:
+        return ""
+    return "-p" + hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def quantized_artifact(work: Path, config: str, calib_windows: int = CALIB_WINDOWS, params: dict | None = None) -> Path:
     """The ``quantize`` stage's artifact for ``config``; the stage skips it when up to date."""
     from pqflow.recipe import parse_recipe
     from pqflow.runner import run_stage
 
     if not calibrated(config):
         calib_windows = CALIB_WINDOWS  # unused by the method: keeps the artifact's cache name and fingerprint
-    out = work / (f"q-{config}" + ("" if calib_windows == CALIB_WINDOWS else f"-c{calib_windows}"))
+    out = work / (f"q-{config}" + ("" if calib_windows == CALIB_WINDOWS else f"-c{calib_windows}") + params_tag(params))
     alloc = allocation_file(config)
     inputs = {"allocation": allocation_artifact(work, alloc)} if alloc else {}
-    run_stage("quantize", parse_recipe(quant_recipe(work, config, calib_windows)), inputs, f"file://{out}")
+    run_stage("quantize", parse_recipe(quant_recipe(work, config, calib_windows, params)), inputs, f"file://{out}")
     return out
 
 
@@ -243,8 +252,8 @@ def fp16_artifact(work: Path) -> Path:
     return out
 
 
-def artifact(work: Path, config: str, calib_windows: int = CALIB_WINDOWS) -> Path:
-    return fp16_artifact(work) if config == FP16 else quantized_artifact(work, config, calib_windows)
+def artifact(work: Path, config: str, calib_windows: int = CALIB_WINDOWS, params: dict | None = None) -> Path:
+    return fp16_artifact(work) if config == FP16 else quantized_artifact(work, config, calib_windows, params)
 
 
 def eval_ids(work: Path, tokenizer: Any, n: int) -> Path:
@@ -480,7 +489,7 @@ def worker(config: str, fmt: str, args: argparse.Namespace) -> dict:
     from pqflow.export import ExportError
 
     work = Path(args.work)
-    src = artifact(work, config, args.calib_windows)
+    src = artifact(work, config, args.calib_windows, args.quant_params)
     ours, ids = pqflow_ppl(work, src, args.windows)
     src_art = open_artifact(str(src))
     dtype = {"compressed-tensors": args.ct_dtype, "hf-dense": args.dense_dtype, "gguf": "float16"}[fmt]
@@ -489,6 +498,8 @@ def worker(config: str, fmt: str, args: argparse.Namespace) -> dict:
            "threads": args.threads, "fallback": args.fallback}
     if calibrated(config):
         row["calib_windows"] = args.calib_windows
+    if args.quant_params and config != FP16:
+        row["quant_params"] = args.quant_params
     digests = {"artifact_digest": src_art.digest}
     if alloc := allocation_file(config):
         row["allocation"] = str(alloc.relative_to(REPO))
@@ -557,6 +568,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40, help="the first N 512-token WikiText-2 test windows")
     ap.add_argument("--calib-windows", type=int, default=CALIB_WINDOWS,
                     help="calibration windows of the quantize stage (gptq, mrem); recorded in each row")
+    ap.add_argument("--quant-params", type=json.loads, default=None,
+                    help="JSON params of the quantize method, e.g. '{\"steps\": 10}' (recorded in each row)")
     ap.add_argument("--threads", type=int, default=2, help="threads of every engine and every speed run")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="speed runs per GGUF (median reported)")
