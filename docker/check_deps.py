@@ -40,17 +40,31 @@ FOREIGN = {
 
 COMPONENT_RUN = r"""
 import json, sys
-from kfp import local
+from kfp import dsl, local
 from pqflow.components import component
 from pqflow.recipe import load_recipe
-stage, recipe_path, root, pipeline_root, mlflow_uri = sys.argv[1:6]
+stage, recipe_path, root, pipeline_root, mlflow_uri, inputs = sys.argv[1:7]
+inputs = json.loads(inputs)
 local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root)
-recipe = load_recipe(recipe_path)
+recipe = json.dumps(load_recipe(recipe_path).model_dump(mode="json"))
 comp = component(stage)
-task = comp(recipe=json.dumps(recipe.model_dump(mode="json")), root=root, step=stage, mlflow_uri=mlflow_uri)
-out = next(iter(task.outputs.values())) if hasattr(task, "outputs") and task.outputs else task.output
+if not inputs:
+    task = comp(recipe=recipe, root=root, step=stage, mlflow_uri=mlflow_uri)
+    out = next(iter(task.outputs.values())) if hasattr(task, "outputs") and task.outputs else task.output
+else:
+    # inputs arrive as pointers from upstream tasks: an importer per input, in a local pipeline
+    @dsl.pipeline
+    def one_stage() -> dsl.Artifact:
+        imported = {name: dsl.importer(artifact_uri=uri, artifact_class=dsl.Model, reimport=True,
+                                       metadata={"pqflow_uri": uri}).output for name, uri in inputs.items()}
+        return comp(recipe=recipe, root=root, step=stage, mlflow_uri=mlflow_uri, **imported).output
+    out = one_stage().output
 print("POINTER", json.dumps(dict(out.metadata)))
 """
+# Stages that take a model: the input is made by the developer's pqflow (in a cluster, by the
+# upstream stage's image) with this stage, and the recipe gets the settings the stage needs.
+UPSTREAM = {"export": ("model", "quantize")}
+RECIPE_EXTRA = {"export": {"export": {"formats": ["compressed-tensors", "gguf"]}, "quantize": {"enabled": True}}}
 
 LOAD_BACK = r"""
 import sys
@@ -74,6 +88,24 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
         raise SystemExit(f"command failed with exit status {done.returncode}: {' '.join(cmd)[:300]}\n"
                          f"{(done.stderr or '')[-4000:]}")
     return done
+
+
+def stage_inputs(stage: str, recipe: Path, run_dir: Path, root: str) -> tuple[Path, dict[str, str]]:
+    """(the recipe this stage runs with, its input URIs), made with the developer's pqflow."""
+    if stage not in UPSTREAM:
+        return recipe, {}
+    import yaml
+
+    doc = yaml.safe_load(recipe.read_text())
+    for name, extra in RECIPE_EXTRA.get(stage, {}).items():
+        doc.setdefault("stages", {}).setdefault(name, {}).update(extra)
+    staged = run_dir / f"recipe-{stage}.yaml"
+    staged.write_text(yaml.safe_dump(doc))
+    name, producer = UPSTREAM[stage]
+    pqflow = Path(sys.executable).parent / "pqflow"
+    sh([str(pqflow), "stage", producer, "--recipe", str(staged), "--out", f"{root}/{producer}"],
+       capture_output=True, cwd=run_dir)
+    return staged, {name: f"{root}/{producer}"}
 
 
 def check(stage: str, work: Path, recipe: Path, keep: bool = False, record: bool = False) -> dict:
@@ -106,16 +138,18 @@ def check(stage: str, work: Path, recipe: Path, keep: bool = False, record: bool
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
     root = f"file://{run_dir / 'artifacts'}"
+    recipe, inputs = stage_inputs(stage, recipe, run_dir, root)
+    in_args = [a for name, uri in inputs.items() for a in ("--in", f"{name}={uri}")]
     # 1. the image's entrypoint
     t1 = time.perf_counter()
-    cli = sh([str(venv / "bin" / "pqflow"), "stage", stage, "--recipe", str(recipe), "--out", f"{root}/{stage}"],
-             capture_output=True, cwd=run_dir, env=env)
+    cli = sh([str(venv / "bin" / "pqflow"), "stage", stage, "--recipe", str(recipe), *in_args,
+              "--out", f"{root}/{stage}"], capture_output=True, cwd=run_dir, env=env)
     summary = json.loads(cli.stdout[cli.stdout.index("{\n"):])["summary"]  # stages may print before the JSON
     # 2. the KFP component through the KFP executor
     #    (tracking into a local MLflow file store: the stage's child run; evaluate also registers)
     mlruns = (run_dir / "mlruns").as_uri()
-    comp = sh([str(py), "-c", COMPONENT_RUN, stage, str(recipe), f"{root}/kfp", str(run_dir / "kfp-root"), mlruns],
-              capture_output=True, cwd=run_dir, env=env)
+    comp = sh([str(py), "-c", COMPONENT_RUN, stage, str(recipe), f"{root}/kfp", str(run_dir / "kfp-root"), mlruns,
+               json.dumps(inputs)], capture_output=True, cwd=run_dir, env=env)
     pointer = json.loads(next(ln for ln in comp.stdout.splitlines() if ln.startswith("POINTER"))[8:])
     assert pointer["pqflow_uri"].endswith(f"/{stage}"), pointer
     assert pointer.get("mlflow_run_id"), pointer

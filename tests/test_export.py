@@ -158,3 +158,24 @@ def test_compressed_tensors_through_the_cli_is_a_verified_artifact(tiny, tmp_pat
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "pack-quantized" and cfg["version"] == "0.20.1"
     assert art.manifest["bytes"] < open_artifact(src).manifest["bytes"] * 1.5
+
+
+def test_lora_adapters_are_folded_into_the_dense_export(tiny, tmp_path):
+    from .test_formats import _lora
+
+    model = _lora(tiny, tmp_path / "lora")
+    src = tmp_path / "lora-art"
+    work = staging_dir(str(src))
+    for f in (tmp_path / "lora").rglob("*"):
+        if f.is_file():
+            dest = work / f.relative_to(tmp_path / "lora")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.read_bytes())
+    publish(work, str(src), build_manifest(work, stage="finetune", params={}, inputs={}, fingerprint="t"))
+    out = tmp_path / "dense"
+    main(["export", str(src), "--format", "hf-dense", "--out", str(out), "--dtype", "float32"])
+    windows = _windows(tiny[1])
+    theirs = _score_outside(out, windows, tmp_path)
+    with torch.no_grad():
+        ours = perplexity(model, windows, progress=False).ppl
+    assert abs(theirs["ppl"] - ours) / ours < 1e-4, (theirs, ours)

@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.tuners.lora.layer import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
 from pqflow.export import ExportError, ExportOptions
-from pqflow.export.dense import densify, load_for_export, standard_config
+from pqflow.export.dense import densify, is_lora, load_for_export, standard_config
 from pqflow.models import DTYPES
 from pqflow.quant.linear import QuantEmbedding, QuantLinear
 
@@ -138,7 +137,7 @@ def _check_supported(model: nn.Module) -> None:
 
 def _packed_linears(model: nn.Module) -> tuple[dict[str, QuantLinear], list[str]]:
     """Packed linears to keep packed, and the names of LoRA-wrapped layers (merged into float)."""
-    lora = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and n]
+    lora = [n for n, m in model.named_modules() if is_lora(m) and n]
     inside = tuple(f"{n}." for n in lora)
     packed = {n: m for n, m in model.named_modules()
               if isinstance(m, QuantLinear) and not isinstance(m, QuantEmbedding) and not n.startswith(inside)}

@@ -8,11 +8,11 @@ computes), and pruned widths are read off the layers. What the exports share.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from pqflow.export import ExportError, ExportOptions
@@ -27,6 +27,16 @@ class LayerWidths:
     n_heads: int
     n_kv_heads: int
     intermediate: int
+
+
+def is_lora(mod: nn.Module) -> bool:
+    """A peft LoRA-wrapped layer. Only a LoRA artifact's loader imports peft, so without peft in
+    ``sys.modules`` there is none (and the export image need not carry peft)."""
+    if "peft" not in sys.modules:
+        return False
+    from peft.tuners.lora.layer import LoraLayer
+
+    return isinstance(mod, LoraLayer)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -52,7 +62,7 @@ def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 def densify(model: nn.Module) -> nn.Module:
     """Replace packed layers, LoRA-wrapped layers and quantized embeddings in place (float32)."""
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, LoraLayer) and name:
+        if is_lora(mod) and name:
             base = mod.get_base_layer()
             w, b = _dense_weight(base)
             for adapter in mod.active_adapters:

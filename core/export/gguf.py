@@ -43,7 +43,7 @@ from gguf import GGMLQuantizationType as QT
 from torch import nn
 
 from pqflow.export import ExportError, ExportOptions
-from pqflow.export.dense import LayerWidths, layer_widths, load_for_export, uniform_widths
+from pqflow.export.dense import LayerWidths, is_lora, layer_widths, load_for_export, uniform_widths
 from pqflow.methods.importance.common import decoder_layers
 from pqflow.quant.linear import QuantLinear, TiedQuantHead
 
@@ -321,9 +321,7 @@ def encode_float(w: torch.Tensor, dtype: str, perm: np.ndarray | None = None) ->
 
 def _lora_weight(mod: nn.Module) -> torch.Tensor | None:
     """A LoRA-wrapped linear's folded float weight (``W + B A * scaling``), None for others."""
-    from peft.tuners.lora.layer import LoraLayer
-
-    if not isinstance(mod, LoraLayer):
+    if not is_lora(mod):
         return None
     base = mod.get_base_layer()
     w = base.dequantize(torch.float32) if isinstance(base, QuantLinear) else base.weight.detach().float()

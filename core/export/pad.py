@@ -20,11 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from pqflow.export import ExportError
-from pqflow.export.dense import LayerWidths, layer_widths
+from pqflow.export.dense import LayerWidths, is_lora, layer_widths
 from pqflow.methods.importance.common import decoder_layers
 from pqflow.quant.grid import group_index, n_groups
 from pqflow.quant.linear import QuantLinear
@@ -134,7 +133,7 @@ def pad_quant(name: str, q: QuantLinear, rows: torch.Tensor | None, cols: torch.
 
 
 def pad_module(name: str, mod: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Module:
-    if isinstance(mod, LoraLayer):
+    if is_lora(mod):
         raise ExportError(f"{name}: LoRA adapters are not padded; export a model whose adapters are merged "
                           "(finetune with merge) or pruned with allocation 'uniform'")
     if isinstance(mod, QuantLinear):
