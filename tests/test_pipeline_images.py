@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["calibrate", "evaluate"])
+@pytest.mark.parametrize("stage", ["calibrate", "export", "evaluate"])
 def test_stage_runs_in_a_clean_venv_with_only_its_extra(stage, tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "docker" / "check_deps.py"), stage, "--work", str(tmp_path)],
                        capture_output=True, text=True, timeout=1500)
