@@ -18,6 +18,10 @@ scores in a process of its own, whose peak RSS is the row's ``peak_rss_mb``.
     python bench/export.py                                   # rtn-4g64, every format, 40 windows
     python bench/export.py --windows 8 --formats gguf        # a quick look
     python bench/export.py --configs rtn-4g64,rtn-4g32,rtn-8pcs,gptq-4g64
+    # llama.cpp built with other flags than the portable test wheel (each row records its system_info):
+    PQFLOW_WHEEL_DIR=~/.cache/pqflow/wheels-native PIP_NO_CACHE_DIR=1 CMAKE_ARGS="-DGGML_NATIVE=ON \
+        -DGGML_CUDA=OFF -DGGML_METAL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" bench/llama_cpp_wheel.sh ~/.cache/pqflow/venvs/llama-native    # a venv holding numpy
+    python bench/export.py --formats gguf --configs rtn-4g64 --llama-python ~/.cache/pqflow/venvs/llama-native/bin/python
 
 Configs: ``METHOD-BITS(gGROUP|pc)[s][-eBITS]`` (``s`` = symmetric, asymmetric otherwise; ``-e4``: the
 embedding, and so the tied output head, quantized too, with the linears' group size and symmetry), or
@@ -329,7 +333,8 @@ def gguf_score(gguf: Path, ids: Path, fp16_gguf: Path | None, args: argparse.Nam
     """llama.cpp in a process of its own (only llama_cpp and numpy imported): see gguf_engine."""
     job = {"gguf": str(gguf), "ids": str(ids), "fp16_gguf": str(fp16_gguf) if fp16_gguf else None,
            "threads": args.threads, "decode_tokens": args.decode_tokens, "repeats": args.repeats}
-    res = subprocess.run([sys.executable, __file__, "--gguf-engine", json.dumps(job)], capture_output=True, text=True)
+    res = subprocess.run([args.llama_python or sys.executable, __file__, "--gguf-engine", json.dumps(job)],
+                         capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"llama.cpp scoring failed: {res.stderr.strip()[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -571,6 +576,9 @@ def main() -> None:
     ap.add_argument("--quant-params", type=json.loads, default=None,
                     help="JSON params of the quantize method, e.g. '{\"steps\": 10}' (recorded in each row)")
     ap.add_argument("--threads", type=int, default=2, help="threads of every engine and every speed run")
+    ap.add_argument("--llama-python", help="the Python whose llama_cpp scores and times the GGUFs (default: this "
+                    "one; e.g. a venv with a llama.cpp built for this CPU: bench/llama_cpp_wheel.sh with "
+                    "CMAKE_ARGS=-DGGML_NATIVE=ON); its build's system_info goes into each row")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="speed runs per GGUF (median reported)")
     ap.add_argument("--fallback", default="error", choices=["error", "widen", "requant"])
