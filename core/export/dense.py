@@ -106,8 +106,9 @@ def uniform_widths(model: nn.Module) -> tuple[LayerWidths | None, int | None]:
 def _uneven(first: int, fmt: str) -> ExportError:
     return ExportError(
         f"model.layers.{first} has another width than model.layers.0 (pruned unevenly); {fmt} uses the standard "
-        "config with one width for every layer: export with --uneven pad (recipe export.uneven: pad) to zero-pad "
-        "every layer to the widest, or prune with allocation 'uniform'")
+        "config with one width for every layer: export with --uneven pad (zero-pad every layer to the widest) or "
+        "--uneven native (per-layer widths where the format has them; recipe stages.export.uneven), or prune with "
+        "allocation 'uniform'")
 
 
 def check_uniform_shapes(src: Path, fmt: str, options: ExportOptions | None = None) -> None:
