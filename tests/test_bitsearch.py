@@ -125,16 +125,16 @@ def _ctx(model, **kw) -> SearchContext:
 
 @pytest.mark.parametrize("prior", ["error", "mi", "sensitivity"])
 def test_priors_fill_to_the_budget(tiny, prior):
-    from pqflow.calibration import Calibration
     from pqflow.methods.bitsearch import importance_prior
 
     ctx = _ctx(tiny[0])
     if prior == "mi":
         ctx.calib = type("C", (), {"windows": _windows(8, 64, 5), "act_norm": lambda self, m: (_ for _ in ()).throw(KeyError(m))})()
-        assert isinstance(ctx.calib, object) and not isinstance(ctx.calib, Calibration)
     t = importance_prior.search(ctx, importance_prior.Params(prior=prior))
     assert t.bytes <= ctx.budget and t.bytes >= 0.9 * ctx.budget
-    assert len(ctx.layer_weights(prior)) == 4
+    weights = np.asarray(ctx.layer_weights(prior), dtype=float)
+    # usable layer weights (MI from the windows alone: the stand-in has no activation norms)
+    assert len(weights) == 4 and np.isfinite(weights).all() and (weights >= 0).all()
 
 
 def test_nevergrad_improves_on_its_seed_and_is_reproducible(tiny):
