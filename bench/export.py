@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import statistics
@@ -55,11 +54,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from common import markdown_table, use_shared_data  # bench/ is on sys.path when a bench runs as a script
+from common import (  # bench/ is on sys.path when a bench runs as a script
+    markdown_table,
+    run_row,
+    save_rows,
+    use_shared_data,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "export.json"
-CT_SCORE_DIR = REPO / "tests"  # ct_score.py: the clean venv's loaders and ppl, shared with the tests
+CT_SCORE_DIR = REPO / "tests"  # ct_score.py, ct_venv.py, llama_score.py: the engines' side, shared with the tests
 FORMATS = ["compressed-tensors", "gguf", "hf-dense"]
 ENGINE = {"compressed-tensors": "transformers + compressed-tensors (clean venv)", "gguf": "llama.cpp",
           "hf-dense": "transformers"}
@@ -108,11 +112,10 @@ print(json.dumps({"ppl": ppl, "loader": loader, "loader_error": error, "load_s":
 # -- small helpers ------------------------------------------------------------------------------
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    # imported here: the llama.cpp engine process runs this file and must not import pqflow
+    from pqflow.artifacts import sha256_file as digest
+
+    return digest(path)
 
 
 def allocation_file(config: str) -> Path | None:
@@ -302,22 +305,13 @@ def pqflow_ppl(work: Path, src: Path, n_windows: int) -> tuple[float, Path]:
 # -- engines ------------------------------------------------------------------------------------
 
 def clean_venv() -> Path:
-    """tests/test_export_ct.py's clean venv (same cache folder, so it is built once for both): only
-    torch (this venv's version), transformers (this venv's) and the pinned compressed-tensors."""
+    """tests/ct_venv.py's clean venv (the tests' cache folder, so it is built once for both)."""
     from pqflow.export.compressed_tensors import CT_VERSION
 
-    torch_v, tf = version("torch").split("+")[0], version("transformers")
-    root = Path(os.environ.get("PQFLOW_CT_VENV") or Path.home() / ".cache" / "pqflow" / "venvs"
-                / f"ct-{CT_VERSION}-tf{tf}-torch{torch_v}")
-    py = root / "bin" / "python"
-    if (root / ".complete").is_file():
-        return py
-    t0 = time.perf_counter()
-    subprocess.run([Path(sys.base_prefix) / "bin" / "python3", "-m", "venv", "--clear", str(root)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", f"torch=={torch_v}", f"transformers=={tf}",
-                    f"compressed-tensors=={CT_VERSION}"], check=True)
-    (root / ".complete").write_text(f"built in {time.perf_counter() - t0:.0f} s\n")
-    return py
+    sys.path.insert(0, str(CT_SCORE_DIR))
+    from ct_venv import clean_venv as build
+
+    return build(CT_VERSION)
 
 
 def transformers_score(python: Path, folder: Path, ids: Path, allow_library: bool, threads: int) -> dict:
@@ -348,22 +342,16 @@ def _llama(path: str, n_ctx: int, logits_all: bool, threads: int) -> Any:
 
 
 def llama_ppl(path: str, windows: list[list[int]], threads: int) -> tuple[float, float]:
-    """pqflow's protocol in llama.cpp (as tests/test_export_gguf.py): each window fed as token ids from
-    an empty cache, the NLL of every next token from all positions' logits, exp of the mean."""
-    import numpy as np
+    """pqflow's protocol in llama.cpp (tests/llama_score.py, shared with the tests): ppl, seconds."""
+    sys.path.insert(0, str(CT_SCORE_DIR))
+    from llama_score import llama_ppl as score
 
     llm = _llama(path, len(windows[0]), True, threads)
-    nlls, t0 = [], time.perf_counter()
-    for w in windows:
-        llm.reset()
-        llm.eval(w)
-        logits = np.asarray(llm.scores[: len(w)], dtype=np.float64)[:-1]
-        top = logits.max(axis=1, keepdims=True)
-        logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-        nlls.append(float(np.mean(logz - logits[np.arange(len(w) - 1), w[1:]])))
+    t0 = time.perf_counter()
+    ppl = score(llm, windows)
     secs = time.perf_counter() - t0
     llm.close()
-    return math.exp(float(np.mean(nlls))), secs
+    return ppl, secs
 
 
 def llama_speed(llm: Any, prompt: list[int], n_decode: int) -> tuple[float, float, list[int]]:
@@ -548,16 +536,8 @@ def jobs(configs: list[str], formats: list[str]) -> list[tuple[str, str]]:
 
 def run_job(config: str, fmt: str, args: argparse.Namespace) -> dict | None:
     print(f"[bench] {config} {fmt} ...", file=sys.stderr, flush=True)
-    row_file = Path(args.work) / f"row-{config}-{fmt}.json"
-    row_file.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--worker", config, fmt, *args.argv]
-    rc = subprocess.run(cmd).returncode
-    if rc != 0 or not row_file.is_file():
-        print(f"[bench] {config} {fmt} failed (exit {rc})", file=sys.stderr)
-        return None
-    row = json.loads(row_file.read_text())
-    row_file.unlink()
-    return row
+    return run_row([sys.executable, __file__, "--worker", config, fmt, *args.argv],
+                   Path(args.work) / f"row-{config}-{fmt}.json", f"{config} {fmt}")
 
 
 def merge(rows: list[dict], row: dict, configs: list[str]) -> list[dict]:
@@ -619,8 +599,7 @@ def main() -> None:
         if row is None:
             continue
         rows = merge(rows, row, configs)
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(rows, indent=1) + "\n")
+        save_rows(results, rows)
         print(table([row]), flush=True)
     print(table(rows))
 

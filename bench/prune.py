@@ -32,7 +32,12 @@ import sys
 import time
 from pathlib import Path
 
-from common import markdown_table, use_shared_data  # bench/ is on sys.path when a bench runs as a script
+from common import (  # bench/ is on sys.path when a bench runs as a script
+    markdown_table,
+    run_row,
+    save_rows,
+    use_shared_data,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "prune.json"
@@ -244,13 +249,8 @@ def summary(rows: list[dict]) -> str:
 
 def run_child(args: list[str], work: Path) -> dict | None:
     out = work / f"child-{os.getpid()}.json"
-    rc = subprocess.run([sys.executable, __file__, *args, "--work", str(work), "--child-out", str(out)]).returncode
-    if rc != 0 or not out.is_file():
-        print(f"[bench] {' '.join(args)[:120]} failed (exit {rc})", file=sys.stderr)
-        return None
-    row = json.loads(out.read_text())
-    out.unlink()
-    return row
+    return run_row([sys.executable, __file__, *args, "--work", str(work), "--child-out", str(out)], out,
+                   " ".join(args)[:120])
 
 
 def main() -> None:
@@ -302,8 +302,7 @@ def main() -> None:
     def save(row: dict) -> None:
         nonlocal rows
         rows = sort_rows([r for r in rows if (r["method"], r["config"]) != (row["method"], row["config"])] + [row])
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(rows, indent=1) + "\n")
+        save_rows(results, rows)
         print(table([row]), flush=True)
 
     if args.reference or not any(r["method"] == "unpruned" for r in rows):

@@ -24,7 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-from common import markdown_table, use_shared_data  # bench/ is on sys.path when a bench runs as a script
+from common import (  # bench/ is on sys.path when a bench runs as a script
+    markdown_table,
+    save_rows,
+    use_shared_data,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "quantize.json"
@@ -157,8 +161,7 @@ def main() -> None:
         rows = [r for r in rows if (r["method"], r["config"]) != (row["method"], row["config"])] + [row]
         order = {m: i for i, m in enumerate(METHODS)}
         rows.sort(key=lambda r: (order.get(r["method"], 99), list(CONFIGS).index(r["config"]) if r["config"] in CONFIGS else 0))
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(rows, indent=1) + "\n")
+        save_rows(results, rows)
         print(table([row]), flush=True)
     print(table(rows))
 

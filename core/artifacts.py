@@ -18,8 +18,10 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -444,6 +446,40 @@ def publish(folder: Path, uri: str, manifest: dict[str, Any]) -> None:
 
 def discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def produce(name: str, out_uri: str, fingerprint: str, params: dict[str, Any], inputs: dict[str, Artifact],
+            build: Callable[[Path], dict[str, Any]], *, force: bool = False,
+            announce: bool = True) -> tuple[dict[str, Any], bool]:
+    """The artifact at ``out_uri`` for this ``fingerprint``: reused when a verified one is there (and
+    not ``force``), else ``build(staging folder) -> summary`` writes its files and it is published
+    with a manifest (nothing is left behind when ``build`` fails). Returns (manifest, reused).
+    ``announce``: say on stderr that it runs (a command whose only output is its result says nothing)."""
+    try:
+        existing = read_manifest(out_uri)
+    except ArtifactError as e:
+        print(f"[pqflow] {name}: existing output unusable ({e}); running again", file=sys.stderr)
+        existing = None
+    if existing is not None and existing.get("fingerprint") == fingerprint and not force:
+        try:
+            open_artifact(out_uri)
+            print(f"[pqflow] {name}: up to date at {out_uri}, skipped", file=sys.stderr)
+            return existing, True
+        except PqflowError as e:
+            print(f"[pqflow] {name}: existing output unusable ({e}); running again", file=sys.stderr)
+    work = staging_dir(out_uri)
+    try:
+        if announce:
+            print(f"[pqflow] {name}: running -> {out_uri}", file=sys.stderr)
+        summary = build(work)
+        manifest = build_manifest(work, stage=name, params=params,
+                                  inputs={k: {"uri": a.uri, "digest": a.digest} for k, a in inputs.items()},
+                                  fingerprint=fingerprint, summary=summary)
+        publish(work, out_uri, manifest)
+    except BaseException:
+        discard(work)
+        raise
+    return manifest, False
 
 
 def check_reachable(uri: str) -> None:

@@ -9,19 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pqflow import __version__
-from pqflow.artifacts import (
-    Artifact,
-    build_manifest,
-    canonical_digest,
-    check_destination,
-    discard,
-    open_artifact,
-    publish,
-    read_manifest,
-    staging_dir,
-)
+from pqflow.artifacts import Artifact, canonical_digest, check_destination, open_artifact, produce
 from pqflow.data import check_recipe_data
-from pqflow.errors import ArtifactError, PqflowError
+from pqflow.errors import PqflowError
 from pqflow.recipe import Recipe
 from pqflow.stages import StageSpec, get_stage, stage_available
 
@@ -80,36 +70,11 @@ def run_stage(name: str, recipe: Recipe, input_uris: dict[str, str], out_uri: st
     inputs = {k: open_artifact(uri) for k, uri in input_uris.items()}
     params = stage_params(spec, recipe, set(inputs))
     fp = fingerprint(spec, params, inputs)
-    try:
-        existing = read_manifest(out_uri)
-    except ArtifactError as e:
-        print(f"[pqflow] {spec.name}: existing output unusable ({e}); running again", file=sys.stderr)
-        existing = None
-    if existing is not None and existing.get("fingerprint") == fp and not force:
-        try:
-            open_artifact(out_uri)
-            print(f"[pqflow] {spec.name}: up to date at {out_uri}, skipped", file=sys.stderr)
-            outcome = StageOutcome(spec.name, out_uri, existing, True, time.perf_counter() - t0, inputs)
-            if on_done:
-                on_done(outcome)
-            return outcome
-        except PqflowError as e:
-            print(f"[pqflow] {spec.name}: existing output unusable ({e}); running again", file=sys.stderr)
-    work = staging_dir(out_uri)
-    try:
-        print(f"[pqflow] {spec.name}: running -> {out_uri}", file=sys.stderr)
-        summary = spec.runner()(recipe, inputs, work)
-        manifest = build_manifest(
-            work, stage=spec.name, params=params,
-            inputs={k: {"uri": a.uri, "digest": a.digest} for k, a in inputs.items()},
-            fingerprint=fp, summary=summary,
-        )
-        publish(work, out_uri, manifest)
-    except BaseException:
-        discard(work)
-        raise
-    outcome = StageOutcome(spec.name, out_uri, manifest, False, time.perf_counter() - t0, inputs)
-    print(f"[pqflow] {spec.name}: done in {outcome.seconds:.1f}s -> {out_uri}", file=sys.stderr)
+    manifest, reused = produce(spec.name, out_uri, fp, params, inputs,
+                               lambda work: spec.runner()(recipe, inputs, work), force=force)
+    outcome = StageOutcome(spec.name, out_uri, manifest, reused, time.perf_counter() - t0, inputs)
+    if not reused:
+        print(f"[pqflow] {spec.name}: done in {outcome.seconds:.1f}s -> {out_uri}", file=sys.stderr)
     if on_done:
         on_done(outcome)
     return outcome

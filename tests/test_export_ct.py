@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -29,7 +26,6 @@ from pqflow.quant.model import FORMAT, quantize_embeddings, save_quantized
 pytest.importorskip("compressed_tensors")
 
 SCORE = Path(__file__).with_name("ct_score.py")
-TORCH_PIN = "2.13.0"  # the local wheel (pip's find-links); the clean venv must not pull another torch
 
 # Every bit width and group kind pqflow stores, asymmetric and symmetric, in one model.
 MIXED = {
@@ -170,22 +166,13 @@ def test_another_compressed_tensors_version_is_refused(monkeypatch, tmp_path):
 # -- the real engine -------------------------------------------------------------------------------
 
 def _clean_venv() -> Path:
-    """A venv with only torch, transformers (this venv's version) and the pinned compressed-tensors,
-    built once and cached; skipped (with pip's reason) where PyPI is unreachable."""
-    tf = version("transformers")
-    root = Path(os.environ.get("PQFLOW_CT_VENV") or Path.home() / ".cache" / "pqflow" / "venvs"
-                / f"ct-{ct.CT_VERSION}-tf{tf}-torch{TORCH_PIN}")
-    py = root / "bin" / "python"
-    if (root / ".complete").is_file():
-        return py
-    t0 = time.perf_counter()
-    subprocess.run([Path(sys.base_prefix) / "bin" / "python3", "-m", "venv", "--clear", str(root)], check=True)
-    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", f"torch=={TORCH_PIN}", f"transformers=={tf}",
-                          f"compressed-tensors=={ct.CT_VERSION}"], capture_output=True, text=True)
-    if pip.returncode:
-        pytest.skip(f"cannot build the clean venv: {pip.stderr.strip().splitlines()[-1:]}")
-    (root / ".complete").write_text(f"built in {time.perf_counter() - t0:.0f} s\n")
-    return py
+    """The clean venv (tests/ct_venv.py); skipped with pip's reason where PyPI is unreachable."""
+    from .ct_venv import clean_venv
+
+    try:
+        return clean_venv(ct.CT_VERSION)
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
 ENGINE_CASES = {

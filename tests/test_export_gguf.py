@@ -287,21 +287,16 @@ def _llama_cpp():
 
 
 def _engine_ppl(path: Path, windows: torch.Tensor) -> float:
-    """pqflow's protocol in llama.cpp: each window fed as token ids from an empty cache, the NLL
-    of every next token from the logits of all positions, exp of the mean."""
+    """pqflow's protocol in llama.cpp (tests/llama_score.py, also the bench's)."""
+    from .llama_score import llama_ppl
+
     llama_cpp = _llama_cpp()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=windows.shape[1], n_batch=windows.shape[1],
                           logits_all=True, verbose=False, n_threads=2)
-    nlls = []
-    for w in windows.tolist():
-        llm.reset()
-        llm.eval(w)
-        logits = np.asarray(llm.scores[: len(w)], dtype=np.float64)[:-1]
-        top = logits.max(axis=1, keepdims=True)
-        logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-        nlls.append(float(np.mean(logz - logits[np.arange(len(w) - 1), w[1:]])))
-    llm.close()
-    return math.exp(float(np.mean(nlls)))
+    try:
+        return llama_ppl(llm, windows.tolist())
+    finally:
+        llm.close()
 
 
 def _pqflow_ppl(src: Path) -> tuple[float, torch.Tensor]:
@@ -343,8 +338,10 @@ def test_llama_cpp_loads_a_pruned_float_export(tiny, tmp_path):
     assert np.abs(got - ref).max() < 0.01 * ref.std(), (np.abs(got - ref).max(), ref.std())
 
 
-def test_llama_cpp_scores_a_padded_uneven_export_like_pqflow(tiny, tmp_path):
-    # widths pruned unevenly (GQA groups, query heads per group, MLP), padded to the widest layer
+@pytest.mark.parametrize("uneven", ["pad", "native"])
+def test_llama_cpp_scores_an_uneven_export_like_pqflow(tiny, tmp_path, uneven):
+    # widths pruned unevenly (GQA groups, query heads per group, MLP): padded to the widest layer as
+    # arch llama, or written as they are as arch deci (per-layer head counts and MLP widths)
     from pqflow.methods.prune.plan import PrunePlan
     from pqflow.methods.prune.surgery import apply_plan
 
@@ -354,34 +351,19 @@ def test_llama_cpp_scores_a_padded_uneven_export_like_pqflow(tiny, tmp_path):
     model, tok = tiny
     apply_plan(model, PrunePlan(keep=UNEVEN))
     src = _quantized((model, tok), tmp_path, group_size=32)
-    path, summary = _export(src, tmp_path, uneven="pad")
-    assert summary["padded"]["layers"] == [1, 2, 3] and summary["linear_types"] == {"Q4_1": 28}
+    path, summary = _export(src, tmp_path, uneven=uneven)
+    assert summary["linear_types"] == {"Q4_1": 28}
+    if uneven == "pad":
+        assert summary["arch"] == "llama" and summary["padded"]["layers"] == [1, 2, 3]
+    else:
+        assert summary["arch"] == "deci" and "padded" not in summary
+        r = gguf.GGUFReader(path)
+        assert list(r.fields["deci.attention.head_count"].contents()) == [4, 2, 2, 4]
+        assert list(r.fields["deci.attention.head_count_kv"].contents()) == [2, 1, 2, 2]
+        assert list(r.fields["deci.feed_forward_length"].contents()) == [384, 256, 320, 192]
+        _, padded = _export(src, tmp_path, uneven="pad", name="padded")
+        assert summary["gguf_bytes"] < padded["gguf_bytes"]  # no padding: fewer bytes
     ours, windows = _pqflow_ppl(src)
     theirs = _engine_ppl(path, windows)
-    print(f"uneven widths, padded, 4-bit g32 asym: pqflow ppl {ours:.4f}, llama.cpp ppl {theirs:.4f}")
-    assert abs(theirs - ours) / ours < 0.005, (theirs, ours)
-
-
-def test_llama_cpp_runs_uneven_widths_natively_as_deci(tiny, tmp_path):
-    # arch deci holds per-layer head counts and MLP widths: no padding, fewer bytes, same ppl
-    from pqflow.methods.prune.plan import PrunePlan
-    from pqflow.methods.prune.surgery import apply_plan
-
-    from .test_export_pad import UNEVEN
-
-    _llama_cpp()
-    model, tok = tiny
-    apply_plan(model, PrunePlan(keep=UNEVEN))
-    src = _quantized((model, tok), tmp_path, group_size=32)
-    path, summary = _export(src, tmp_path, uneven="native")
-    padded_path, padded = _export(src, tmp_path, uneven="pad", name="padded")
-    assert summary["arch"] == "deci" and "padded" not in summary and padded["arch"] == "llama"
-    r = gguf.GGUFReader(path)
-    assert list(r.fields["deci.attention.head_count"].contents()) == [4, 2, 2, 4]
-    assert list(r.fields["deci.attention.head_count_kv"].contents()) == [2, 1, 2, 2]
-    assert list(r.fields["deci.feed_forward_length"].contents()) == [384, 256, 320, 192]
-    assert summary["gguf_bytes"] < padded["gguf_bytes"]
-    ours, windows = _pqflow_ppl(src)
-    theirs = _engine_ppl(path, windows)
-    print(f"uneven widths as deci, 4-bit g32 asym: pqflow ppl {ours:.4f}, llama.cpp ppl {theirs:.4f}")
+    print(f"uneven widths ({uneven}), 4-bit g32 asym: pqflow ppl {ours:.4f}, llama.cpp ppl {theirs:.4f}")
     assert abs(theirs - ours) / ours < 0.005, (theirs, ours)

@@ -55,18 +55,9 @@ def _bnb(tiny, out: Path) -> nn.Module:
 
 
 def _pruned(tiny, out: Path) -> nn.Module:
-    from pqflow.methods.prune.surgery import sync_config
+    from .test_hostile import _pruned as uneven_mlp  # layer 1's MLP cut to 192 channels
 
-    model, tok = tiny
-    mlp = model.model.layers[1].mlp  # layer 1's MLP cut to 192 channels: uneven layers
-    for nm in ("gate_proj", "up_proj"):
-        new = nn.Linear(128, 192, bias=False)
-        new.weight.data = getattr(mlp, nm).weight.data[:192].clone()
-        setattr(mlp, nm, new)
-    down = nn.Linear(192, 128, bias=False)
-    down.weight.data = mlp.down_proj.weight.data[:, :192].clone()
-    mlp.down_proj = down
-    assert not sync_config(model)
+    model, tok = uneven_mlp(tiny)
     formats.save_model(model, tok, out, "pqflow-pruned")
     return model
 

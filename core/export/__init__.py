@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
@@ -60,16 +61,7 @@ def export_artifact(model_uri: str, fmt: str, out_uri: str, options: ExportOptio
                     *, force: bool = False) -> dict[str, Any]:
     """Export the model artifact at ``model_uri`` as ``fmt`` to ``out_uri`` (a verified artifact)."""
     from pqflow import __version__
-    from pqflow.artifacts import (
-        build_manifest,
-        canonical_digest,
-        check_destination,
-        discard,
-        open_artifact,
-        publish,
-        read_manifest,
-        staging_dir,
-    )
+    from pqflow.artifacts import canonical_digest, check_destination, open_artifact, produce
     from pqflow.models import MODEL_META
 
     options = options or ExportOptions()
@@ -81,20 +73,10 @@ def export_artifact(model_uri: str, fmt: str, out_uri: str, options: ExportOptio
     params = {"format": fmt, "fallback": options.fallback, "dtype": options.dtype, "uneven": options.uneven}
     fp = canonical_digest({"stage": "export", "params": params, "inputs": {"model": src.digest},
                            "pqflow": __version__})
-    existing = read_manifest(out_uri)
-    if existing is not None and existing.get("fingerprint") == fp and not force:
-        open_artifact(out_uri)
-        return {"uri": out_uri, "skipped": True, **existing.get("summary", {})}
-    work = staging_dir(out_uri)
-    try:
-        summary = {"format": fmt, "engines": list(mod.ENGINES), **(mod.export(src.path, work, options) or {})}
-        manifest = build_manifest(work, stage="export", params=params,
-                                  inputs={"model": {"uri": src.uri, "digest": src.digest}},
-                                  fingerprint=fp, summary=summary)
-        summary["bytes"] = manifest["bytes"]
-        manifest["summary"] = summary
-        publish(work, out_uri, manifest)
-    except BaseException:
-        discard(work)
-        raise
-    return {"uri": out_uri, "skipped": False, **summary}
+
+    def build(work: Path) -> dict[str, Any]:
+        return {"format": fmt, "engines": list(mod.ENGINES), **(mod.export(src.path, work, options) or {})}
+
+    manifest, reused = produce("export", out_uri, fp, params, {"model": src}, build, force=force,
+                                announce=False)
+    return {"uri": out_uri, "skipped": reused, **manifest.get("summary", {}), "bytes": manifest["bytes"]}
