@@ -297,12 +297,12 @@ def test_hanging_s3_endpoint_fails_within_a_minute(hanging_endpoint, monkeypatch
 
 def test_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys, monkeypatch):
     """ENOSPC while writing an artifact ended in a traceback."""
-    import pqflow.runner as runner
+    import pqflow.artifacts as artifacts
 
     def full(folder, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "windows.safetensors"))
 
-    monkeypatch.setattr(runner, "build_manifest", full)
+    monkeypatch.setattr(artifacts, "build_manifest", full)
     assert main(["stage", "calibrate", "--recipe", str(TINY), "--out", str(tmp_path / "calib")]) == 2
     assert "no space left on device" in _one_error_line(capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
@@ -310,12 +310,12 @@ def test_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys, mo
 
 def test_unexpected_errors_are_one_line_without_debug(tmp_path, capsys, monkeypatch):
     """Any failure that is not pqflow's own is still one line; --debug shows the traceback."""
-    import pqflow.runner as runner
+    import pqflow.artifacts as artifacts
 
     def boom(*a, **kw):
         raise RuntimeError("CUDA error: device-side assert\nmore lines")
 
-    monkeypatch.setattr(runner, "build_manifest", boom)
+    monkeypatch.setattr(artifacts, "build_manifest", boom)
     assert main(["stage", "calibrate", "--recipe", str(TINY), "--out", str(tmp_path / "c")]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "RuntimeError: CUDA error: device-side assert" in line and "--debug" in line
