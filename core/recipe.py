@@ -72,16 +72,19 @@ class Resources(Strict):
 
 
 class ModelRef(Strict):
-    source: str = Field(max_length=MAX_PATH, description="smollm2-135m | tiny-llama | hf:<id or local path>")
+    source: str = Field(max_length=MAX_PATH, description="smollm2-135m | tiny-<family> (tiny-llama, tiny-qwen3, ...) | hf:<id or local path>")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model is loaded and computed in")
     name: str | None = Field(None, max_length=MAX_NAME, description="registered model name; defaults to the recipe name")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v in ("smollm2-135m", "tiny-llama") or v.startswith("hf:"):
+        from pqflow.architectures import FAMILIES  # every supported family has a tiny model
+
+        if v == "smollm2-135m" or v.startswith("hf:") or v.removeprefix("tiny-") in FAMILIES:
             return v
-        raise ValueError("must be 'smollm2-135m', 'tiny-llama' or 'hf:<id or local path>'")
+        raise ValueError(f"must be 'smollm2-135m', 'hf:<id or local path>' or a tiny model "
+                         f"({', '.join('tiny-' + f for f in FAMILIES)})")
 
 
 class DataRef(Strict):
