@@ -27,13 +27,16 @@ def _kv(items: Sequence[str]) -> dict[str, str]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from pqflow.data import check_recipe_data
+    from pqflow.family_support import check_family_support
     from pqflow.plan import plan
     from pqflow.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     check_recipe_data(recipe, missing_ok=True)
+    family = check_family_support(recipe)
     steps = plan(recipe)
-    print(f"{args.recipe}: valid; steps: {' -> '.join(s.name for s in steps)}")
+    on = f" ({family.name} family)" if family else ""
+    print(f"{args.recipe}: valid{on}; steps: {' -> '.join(s.name for s in steps)}")
     return 0
 
 
@@ -70,12 +73,14 @@ def _endpoints(args: argparse.Namespace, recipe) -> tuple[str, str | None, bool,
 def cmd_run(args: argparse.Namespace) -> int:
     from pqflow import services
     from pqflow.data import check_recipe_data
+    from pqflow.family_support import check_family_support
     from pqflow.local_run import check_buildable, run_plan
     from pqflow.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     check_buildable(recipe)
     check_recipe_data(recipe)  # before any service starts: bad data is one line, and nothing runs
+    check_family_support(recipe)  # likewise a method the model's family cannot take
     root, mlflow_uri, need_s3, need_mlflow = _endpoints(args, recipe)
     if mlflow_uri:
         from pqflow.tracking import check_scheme
@@ -189,10 +194,12 @@ def _warn_cluster_root(recipe, args: argparse.Namespace) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from pqflow.family_support import check_family_support
     from pqflow.pipelines.compression import compile_pipeline, load_for_compile
     from pqflow.plan import plan
 
     recipe = load_for_compile(args.recipe)
+    check_family_support(recipe)
     _warn_cluster_root(recipe, args)
     out = compile_pipeline(recipe, args.output, _cluster_opts(args))
     print(f"{out}: {len(plan(recipe))} tasks ({' -> '.join(s.name for s in plan(recipe))})")
@@ -200,10 +207,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from pqflow.family_support import check_family_support
     from pqflow.pipelines.compression import load_for_compile
     from pqflow.pipelines.remote import submit
 
     recipe = load_for_compile(args.recipe)
+    check_family_support(recipe)
     _warn_cluster_root(recipe, args)
     res = submit(recipe, args.host, opts=_cluster_opts(args), experiment=args.experiment,
                  run_name=args.run_name, namespace=args.namespace, token=args.token)
@@ -212,10 +221,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
+    from pqflow.family_support import check_family_support
     from pqflow.pipelines.compression import load_for_compile
     from pqflow.pipelines.remote import schedule
 
     recipe = load_for_compile(args.recipe)
+    check_family_support(recipe)
     _warn_cluster_root(recipe, args)
     res = schedule(recipe, args.host, args.cron, opts=_cluster_opts(args), experiment=args.experiment,
                    job_name=args.name, namespace=args.namespace, token=args.token)

@@ -99,9 +99,27 @@ class DataRef(Strict):
         raise ValueError("must be 'wikitext2', 'text:<path>' or 'jsonl:<path>'")
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,2})?)$"
+
+
 class StageBase(Strict):
     enabled: bool = Field(True, description="a disabled stage is skipped and produces nothing")
     resources: Resources = Field(default_factory=Resources)
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="where the stage computes: auto (CUDA when "
+                        "present), cpu or cuda[:n]; on Kubeflow a CUDA device needs resources.gpu")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="compute dtype of the stage; null = the model's (model.dtype)")
+
+    @model_validator(mode="after")
+    def _device_matches_resources(self) -> StageBase:
+        # The pod must request the GPU the stage computes on, and not hold one it never uses.
+        if self.device.startswith("cuda") and self.resources.gpu == 0:
+            raise ValueError(f"device '{self.device}' needs resources.gpu >= 1 (the stage's container must "
+                             f"request the GPU it runs on)")
+        if self.device == "cpu" and self.resources.gpu > 0:
+            raise ValueError(f"device 'cpu' with resources.gpu = {self.resources.gpu}: the stage would hold "
+                             f"GPUs it never uses (use device: auto or cuda)")
+        return self
 
     @property
     def active(self) -> bool:

@@ -1,0 +1,36 @@
+"""Where a stage computes: the recipe's ``device`` (auto | cpu | cuda[:n]) and ``dtype`` resolved
+against what the machine has."""
+
+from __future__ import annotations
+
+import torch
+
+from pqflow.errors import PqflowError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU; a CUDA device that is
+    not there is one clear error (never a silent fall back to the CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PqflowError(f"device '{name}': this machine has no CUDA device (torch {torch.__version__}, "
+                              f"CUDA build: {torch.version.cuda or 'none'})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PqflowError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def resolve_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
+    return default if name is None else DTYPES[name]
+
+
+def peak_device_mb(device: torch.device) -> float | None:
+    """Peak memory allocated on a CUDA device since the last reset (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20

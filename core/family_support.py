@@ -1,0 +1,65 @@
+"""Whether a recipe's stages can apply to its model's family, decided before any model loads.
+
+The family comes from the recipe's ``model.source`` without reading weights: a tiny model names
+it, ``smollm2-135m`` is a Llama, and a local ``hf:`` folder has a ``config.json`` whose
+``model_type`` says it. A hub id is looked at when its config is reachable; otherwise the check
+happens when the model loads (every method calls :func:`pqflow.architectures.require` as well).
+
+A method states the capabilities its params need through an optional ``needs(params)`` function
+in its module (for example width pruning with ``head_mode: query`` needs head pruning); exports
+need :data:`~pqflow.architectures.EXPORT`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pqflow.architectures import EXPORT, FAMILIES, Family, family_of, refusal
+from pqflow.errors import RecipeError
+from pqflow.recipe import MethodStage, Recipe, method_registry
+
+
+def source_family(source: str) -> Family | None:
+    """The family of a recipe ``model.source``, or None when it cannot be known without loading."""
+    if source.startswith("tiny-"):
+        return FAMILIES.get(source.removeprefix("tiny-"))
+    if source == "smollm2-135m":
+        return FAMILIES["llama"]
+    if source.startswith("hf:"):
+        cfg = Path(source[3:]).expanduser() / "config.json"
+        if not cfg.is_file():
+            return None  # a hub id, or a folder that the loader will refuse with its own message
+        try:
+            raw = json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # the loader names what is wrong with the file
+        return family_of(raw)
+    return None
+
+
+def needs(recipe: Recipe, stage: str) -> set[str]:
+    cfg = recipe.stage(stage)
+    if not isinstance(cfg, MethodStage):
+        return set()
+    fn = getattr(method_registry(stage).module(cfg.method), "needs", None)
+    return set(fn(recipe.method_params(stage))) if fn else set()
+
+
+def check_family_support(recipe: Recipe) -> Family | None:
+    """Refuse, naming the family and the method, a recipe whose active stages ask what its model's
+    family cannot take. Returns the family when it is known."""
+    family = source_family(recipe.model.source)
+    if family is None:
+        return None
+    for stage in recipe.enabled_stages():
+        cfg = recipe.stage(stage)
+        asked = needs(recipe, stage)
+        if stage == "export":
+            asked.add(EXPORT)
+        for cap in sorted(asked):
+            why = refusal(family, cap)
+            if why:
+                method = f" method '{cfg.method}'" if isinstance(cfg, MethodStage) else ""
+                raise RecipeError(f"stages.{stage}:{method} cannot run on {recipe.model.source}: {why}")
+    return family
