@@ -289,6 +289,13 @@ def cmd_recipe_doc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_families(args: argparse.Namespace) -> int:
+    from pqflow.family_support import support_table
+
+    print(support_table(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pqflow", description="Compress LLMs: prune, quantize, tune, evaluate.")
     p.add_argument("--version", action="version", version=f"pqflow {__version__}")
@@ -377,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("recipe-doc", help="print the recipe reference (docs/recipe.md)")
     s.set_defaults(fn=cmd_recipe_doc)
+
+    s = sub.add_parser("families", help="print the model families pqflow supports, and what each stage does on them")
+    s.set_defaults(fn=cmd_families)
     return p
 
 

@@ -15,7 +15,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pqflow.architectures import EXPORT, FAMILIES, Family, family_of, refusal
+from pqflow.architectures import (
+    CHANNEL_PRUNING,
+    EXPORT,
+    FAMILIES,
+    HEAD_PRUNING,
+    LAYER_DROPPING,
+    Family,
+    family_of,
+    refusal,
+)
 from pqflow.errors import RecipeError
 from pqflow.recipe import MethodStage, Recipe, method_registry
 
@@ -63,3 +72,25 @@ def check_family_support(recipe: Recipe) -> Family | None:
                 method = f" method '{cfg.method}'" if isinstance(cfg, MethodStage) else ""
                 raise RecipeError(f"stages.{stage}:{method} cannot run on {recipe.model.source}: {why}")
     return family
+
+
+def _cell(family: Family, *caps: str) -> str:
+    missing = [c for c in caps if c in family.refuses]
+    return "yes" if not missing else "no"
+
+
+def support_table() -> str:
+    """Family x stage, as a markdown table (README; ``pqflow families``). Every row is what the
+    family matrix test (tests/test_families.py) runs on that family's tiny model."""
+    head = ["family", "model_type", "calibrate", "importance", "prune: heads", "prune: MLP channels",
+            "prune: layers", "bit-search", "quantize", "finetune", "evaluate", "export", "notes"]
+    rows = []
+    for f in FAMILIES.values():
+        width = [_cell(f, HEAD_PRUNING), _cell(f, CHANNEL_PRUNING), _cell(f, LAYER_DROPPING)]
+        refused = "; ".join(f"{c}: {why}" for c, why in f.refuses.items())
+        notes = "; ".join(f.notes) + (f". Not supported: {refused}" if refused else "")
+        rows.append([f.name, ", ".join(f.model_types), "yes", "yes", *width, "yes", "yes", "yes", "yes",
+                     _cell(f, EXPORT), notes])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
