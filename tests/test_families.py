@@ -92,7 +92,7 @@ def test_family_runs_the_whole_pipeline(family, tmp_path):
 
     # the other quantizer and tuner on the same pruned model: everything upstream is reused
     second = run_plan(parse_recipe(family_recipe(family, "mrem", "lora")), root)
-    for stage in ("calibrate", "importance", "prune", "bit_search"):
+    for stage in ("calibrate", "importance", "prune", "bit-search"):
         assert second.outcomes[stage].skipped, stage
     for res in (first, second):
         ppl = res.outcomes["evaluate"].manifest["summary"]["ppl"]
