@@ -244,7 +244,9 @@ class Proj:
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        # From the module's sizes, not its weight: packed (quantized) linears have no ``weight``.
+        n = self.module.out_features
+        return n if self.rows is None else len(range(*self.rows.indices(n)))
 
     @property
     def in_features(self) -> int:
@@ -350,7 +352,7 @@ def experts(layer: nn.Module, family: Family | None = None) -> list[dict[str, tu
     mod = _get(layer, fam.experts)
     if not isinstance(mod, LinearExperts):
         raise UnsupportedArchitecture(f"{fam.name}: experts are not prepared (call pqflow.architectures.prepare)")
-    return [{r: (f"{fam.experts}.{e}.{r}_proj", getattr(ex, f"{r}_proj")) for r in ("gate", "up", "down")}
+    return [{r: (f"{fam.experts}.experts.{e}.{r}_proj", getattr(ex, f"{r}_proj")) for r in ("gate", "up", "down")}
             for e, ex in enumerate(mod.experts)]
 
 
@@ -695,3 +697,91 @@ def support_table() -> list[dict[str, str]]:
 
 
 Hook = Callable[..., Any]
+
+
+# -- H1 (importance and pruning): residual targets for reformation ------------------------------
+
+def _out_norm(fam: Family, part: str) -> str | None:
+    return fam.attn_out_norm if part == "attn" else fam.mlp_out_norm
+
+
+def linear_residual(layer: nn.Module, part: str) -> bool:
+    """Whether the residual add after sublayer ``part`` ("attn" or "mlp") is linear in that
+    sublayer's output (no norm on it), so a wanted residual stream gives a wanted output."""
+    return _out_norm(_family_of_layer(layer), part) is None
+
+
+def residual_delta(layer: nn.Module, part: str, h: torch.Tensor, h_next: torch.Tensor) -> torch.Tensor | None:
+    """The output of sublayer ``part`` (o's or down's) that takes the residual stream from ``h``
+    to ``h_next``; None when a norm on that output makes this no linear solve."""
+    fam = _family_of_layer(layer)
+    if _out_norm(fam, part) is not None:
+        return None
+    scale = _residual_scale(layer, fam)
+    return h_next - h if scale == 1.0 else (h_next - h) / scale
+
+
+# -- H2: calibration, quantization, formats, bit search, fine-tuning -----------------------------
+
+def block_of(name: str) -> str | None:
+    """The module name of the decoder block holding module ``name`` (``model.layers.3`` for any
+    module inside block 3), None outside the blocks."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2])
+    return None
+
+
+def block_linear_roles(model: nn.Module) -> dict[str, str]:
+    """Full module name -> role(s) of every role-carrying linear of the decoder blocks, as
+    :func:`linear_roles` writes them (``q,k,v`` for a fused projection, ``expert.E.gate``, ...)."""
+    return {f"{block}.{path}": roles for block, layer in zip(block_names(model), decoder_layers(model), strict=True)
+            for path, roles in linear_roles(layer).items()}
+
+
+def role_set(roles: str) -> set[str]:
+    """The plain roles of a :func:`linear_roles` entry: ``q,k,v`` -> {q, k, v}; an expert's
+    ``expert.3.gate`` -> {gate}."""
+    return {r.rsplit(".", 1)[-1] for r in roles.split(",")}
+
+
+def router_modules(model: nn.Module) -> set[int]:
+    """ids of the MoE routers of the blocks (kept in floating point, never quantized or adapted)."""
+    return {id(r) for layer in decoder_layers(model) if (r := router(layer)) is not None}
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits the causal LM computes from its last block's output: the final norm, the output
+    head and the family's transforms of the logits (a config's ``logits_scaling`` divides them,
+    its ``final_logit_softcapping`` soft-caps them)."""
+    logits = model.get_output_embeddings()(final_norm(model)(hidden))
+    cfg = _config(model)
+    scaling = getattr(cfg, "logits_scaling", None)
+    if scaling:
+        logits = logits / scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+# -- H4: exports ----------------------------------------------------------------------------------
+
+# llama.cpp's architecture (gguf-py's ``MODEL_ARCH_NAMES`` value) for each family whose blocks it
+# computes as transformers does and whose tensors it names as gguf-py's name map does; a family
+# absent here has no GGUF export (Gemma's (1 + w) norms, soft-capping and sliding layers need a
+# converter of their own).
+GGUF_ARCHS: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def gguf_arch(obj: Any) -> str | None:
+    """The llama.cpp architecture a model, config or config dict is written as; None: not written."""
+    return GGUF_ARCHS.get(family_of(obj).name)
+
+
+def config_layers_prefix(obj: Any) -> str:
+    """:func:`layers_prefix` of the causal LM a config (or config dict) builds, without building
+    it: every family in :data:`FAMILIES` keeps its blocks in the backbone ``model`` of the LM."""
+    family_of(obj)  # an unknown model type fails here, by name
+    return "model.layers"

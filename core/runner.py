@@ -13,6 +13,7 @@ from pqflow.artifacts import Artifact, canonical_digest, check_destination, open
 from pqflow.data import check_recipe_data
 from pqflow.errors import PqflowError
 from pqflow.recipe import Recipe
+from pqflow.runtime import peak_rss_mb
 from pqflow.stages import StageSpec, get_stage, stage_available
 
 
@@ -64,7 +65,7 @@ def run_stage(name: str, recipe: Recipe, input_uris: dict[str, str], out_uri: st
             f"stage '{spec.name}' takes inputs {list(spec.inputs)} (optional {list(spec.optional)}); "
             + (f"missing {missing}" if missing else f"unknown {unknown}")
         )
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     check_destination(out_uri, input_uris)
     check_recipe_data(recipe, missing_ok=True)
     inputs = {k: open_artifact(uri) for k, uri in input_uris.items()}
@@ -74,7 +75,10 @@ def run_stage(name: str, recipe: Recipe, input_uris: dict[str, str], out_uri: st
                                lambda work: spec.runner()(recipe, inputs, work), force=force)
     outcome = StageOutcome(spec.name, out_uri, manifest, reused, time.perf_counter() - t0, inputs)
     if not reused:
-        print(f"[pqflow] {spec.name}: done in {outcome.seconds:.1f}s -> {out_uri}", file=sys.stderr)
+        # CPU seconds too (on a shared machine they say more about the stage than the wall clock),
+        # and the process's peak RSS so far (a rise names the stage that set it)
+        print(f"[pqflow] {spec.name}: done in {outcome.seconds:.1f}s (cpu {time.process_time() - cpu0:.1f}s, "
+              f"peak RSS {peak_rss_mb():.0f} MiB) -> {out_uri}", file=sys.stderr)
     if on_done:
         on_done(outcome)
     return outcome

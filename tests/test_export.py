@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pqflow import architectures as arch
 from pqflow.artifacts import MANIFEST, build_manifest, open_artifact, publish, staging_dir
 from pqflow.cli import main
 from pqflow.data import eval_windows, load_text, tokenize
@@ -19,6 +20,16 @@ from pqflow.methods.quant.plan import LinearSpec, resolve_plan
 from pqflow.models import load_model_artifact, save_model
 from pqflow.perplexity import perplexity
 from pqflow.quant.model import FORMAT, quantize_embeddings, save_quantized
+
+# The tiny Llama's names, as the architecture adapter places its blocks and roles
+LLAMA = arch.FAMILIES["llama"]
+BLOCKS = arch.config_layers_prefix(LLAMA)  # the module-name prefix of the decoder blocks
+
+
+def linear_name(block: int, role: str) -> str:
+    """The tiny Llama's module name of ``role``'s linear (q, k, v, o, gate, up, down) in ``block``."""
+    return f"{BLOCKS}.{block}.{getattr(LLAMA, role)}"
+
 
 # Scores an exported folder with plain transformers; fails if anything imports pqflow.
 SCORE = r"""
@@ -47,9 +58,9 @@ def _quantized(tiny, tmp_path: Path, mixed: bool = True, embed_bits: int | None 
     model, tok = tiny
     plan = resolve_plan(model, 4, 64, False)
     if mixed:
-        plan["model.layers.0.self_attn.q_proj"] = LinearSpec(3, 32, True)
-        plan["model.layers.0.mlp.up_proj"] = LinearSpec(2, None, False)
-        plan["model.layers.2.mlp.down_proj"] = LinearSpec(8, None, False)
+        plan[linear_name(0, "q")] = LinearSpec(3, 32, True)
+        plan[linear_name(0, "up")] = LinearSpec(2, None, False)
+        plan[linear_name(2, "down")] = LinearSpec(8, None, False)
     rtn.quantize(model, None, plan, rtn.Params())
     if embed_bits:
         quantize_embeddings(model, embed_bits, None, 64, False)
@@ -120,23 +131,14 @@ def test_uneven_pruned_widths_fail_naming_the_layer_and_write_nothing(tiny, tmp_
     from pqflow.methods.prune.surgery import SHAPES_KEY
 
     model, tok = tiny
-    mlp = model.model.layers[1].mlp
-    keep = torch.arange(200)
-    for nm in ("gate_proj", "up_proj"):
-        old = getattr(mlp, nm)
-        new = torch.nn.Linear(old.in_features, 200, bias=False)
-        new.weight.data = old.weight.data[keep].clone()
-        setattr(mlp, nm, new)
-    old = mlp.down_proj
-    mlp.down_proj = torch.nn.Linear(200, old.out_features, bias=False)
-    mlp.down_proj.weight.data = old.weight.data[:, keep].clone()
+    arch.cut_channels(arch.decoder_layers(model)[1], list(range(200)))
     setattr(model.config, SHAPES_KEY, [[4, 2, 384], [4, 2, 200], [4, 2, 384], [4, 2, 384]])
     src = _publish_model(model, tok, tmp_path / "pruned", fmt=PRUNED)
     out = tmp_path / "dense"
     capsys.readouterr()
     assert main(["export", src, "--format", "hf-dense", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "model.layers.1" in err and len(err.strip().splitlines()) == 1
+    assert f"{BLOCKS}.1" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".dense.partial-*"))
 
 
@@ -179,3 +181,80 @@ def test_lora_adapters_are_folded_into_the_dense_export(tiny, tmp_path):
     with torch.no_grad():
         ours = perplexity(model, windows, progress=False).ppl
     assert abs(theirs["ppl"] - ours) / ours < 1e-4, (theirs, ours)
+
+
+# -- families -------------------------------------------------------------------------------------
+
+# Families whose blocks the exporters write (standard transformers folders: the config is the
+# model's own), and those the architecture adapter refuses for export.
+EXPORTED = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+REFUSED = ["phi3", "olmo2", "granite", "qwen3_moe"]
+# 80 tokens: past Gemma's sliding window (32), so sliding and global layers both matter
+FAMILY_IDS = [[(7 * i + 3) % 256 for i in range(80)]]
+
+# Loads each exported folder with plain transformers and prints its logits; fails if anything
+# imports pqflow.
+LOGITS = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+job = json.load(open(sys.argv[1]))
+ids = torch.tensor(job["ids"])
+out = {}
+for key, folder in job["exports"].items():
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out[key] = model(input_ids=ids).logits[0].tolist()
+assert not any(m == "pqflow" or m.startswith("pqflow.") for m in sys.modules), "pqflow was imported"
+print(json.dumps(out))
+"""
+
+
+def test_families_export_to_folders_plain_transformers_computes_like_pqflow(tmp_path):
+    """Every family the exporters write: 4-bit RTN, exported as hf-dense (fp16) and compressed-
+    tensors (fp32), reloaded by plain transformers: pqflow's logits, within fp16 rounding for the
+    fp16 copy and exactly for the packed one (its scales are fp16, its codes the same)."""
+    from pqflow.architectures import prepare
+    from pqflow.export import ExportOptions, export_artifact
+    from pqflow.tiny import tiny_model
+
+    ids = torch.tensor(FAMILY_IDS)
+    ours, exports = {}, {}
+    for family in EXPORTED:
+        model, tok = tiny_model(family)
+        prepare(model)
+        rtn.quantize(model, None, resolve_plan(model, 4, 64, False), rtn.Params())
+        src = _publish_model(model, tok, tmp_path / family, fmt=FORMAT, saver=save_quantized)
+        for fmt, dtype in (("hf-dense", "float16"), ("compressed-tensors", "float32")):
+            out = tmp_path / f"{family}-{fmt}"
+            summary = export_artifact(src, fmt, str(out), ExportOptions(dtype=dtype))
+            assert summary["format"] == fmt
+            assert json.loads((out / "config.json").read_text())["model_type"] == model.config.model_type
+            exports[f"{family}/{fmt}"] = str(out)
+        with torch.no_grad():
+            ours[family] = load_model_artifact(Path(src)).model(input_ids=ids).logits[0]
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"ids": FAMILY_IDS, "exports": exports}))
+    run = subprocess.run([sys.executable, "-c", LOGITS, str(job)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    for key, logits in theirs.items():
+        family, fmt = key.split("/")
+        ref = ours[family]
+        # fp16 weights: measured below 2.5e-3 of the logits' spread on these models
+        atol = 0.01 * ref.std().item() if fmt == "hf-dense" else 1e-5
+        torch.testing.assert_close(torch.tensor(logits), ref, rtol=0, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_families_the_exporters_do_not_write_fail_in_one_line_before_writing(family, tmp_path, capsys):
+    from pqflow.tiny import tiny_model
+
+    model, tok = tiny_model(family)  # the family is read off the artifact's config before anything loads
+    src = _publish_model(model, tok, tmp_path / "model")
+    capsys.readouterr()
+    for fmt in ("hf-dense", "compressed-tensors", "gguf"):
+        assert main(["export", src, "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"export is not supported for {family}: " in err[0], err
+        assert not (tmp_path / fmt).exists() and not list(tmp_path.glob(f".{fmt}.partial-*"))

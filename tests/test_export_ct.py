@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -23,19 +24,21 @@ from pqflow.perplexity import perplexity
 from pqflow.quant.linear import QuantLinear
 from pqflow.quant.model import FORMAT, quantize_embeddings, save_quantized
 
+from .test_export import BLOCKS, linear_name
+
 pytest.importorskip("compressed_tensors")
 
 SCORE = Path(__file__).with_name("ct_score.py")
 
 # Every bit width and group kind pqflow stores, asymmetric and symmetric, in one model.
 MIXED = {
-    "model.layers.0.self_attn.q_proj": LinearSpec(3, 32, True),
-    "model.layers.0.self_attn.k_proj": LinearSpec(2, 64, True),
-    "model.layers.0.mlp.up_proj": LinearSpec(2, None, False),
-    "model.layers.1.mlp.gate_proj": LinearSpec(3, 64, False),
-    "model.layers.1.self_attn.o_proj": LinearSpec(8, 128, True),
-    "model.layers.2.mlp.down_proj": LinearSpec(8, None, False),
-    "model.layers.3.mlp.down_proj": LinearSpec(4, None, True),
+    linear_name(0, "q"): LinearSpec(3, 32, True),
+    linear_name(0, "k"): LinearSpec(2, 64, True),
+    linear_name(0, "up"): LinearSpec(2, None, False),
+    linear_name(1, "gate"): LinearSpec(3, 64, False),
+    linear_name(1, "o"): LinearSpec(8, 128, True),
+    linear_name(2, "down"): LinearSpec(8, None, False),
+    linear_name(3, "down"): LinearSpec(4, None, True),
 }
 
 
@@ -88,20 +91,21 @@ def test_library_decompression_equals_pqflow_bit_for_bit(tiny, tmp_path, dtype):
     by_bits = {(g["weights"]["num_bits"], g["weights"]["strategy"]) for g in qcfg["config_groups"].values()}
     assert {(2, "channel"), (3, "group"), (4, "group"), (8, "channel"), (8, "group")} <= by_bits
     tensors = load_file(str(tmp_path / "ct" / ct.WEIGHTS))
-    assert tensors["model.layers.1.mlp.gate_proj.weight_packed"].dtype == torch.int32
-    assert tensors["model.layers.1.mlp.gate_proj.weight_zero_point"].shape == (384 * 3 // 32, 2)  # packed on dim 0
-    assert "model.layers.0.self_attn.q_proj.weight_zero_point" not in tensors  # symmetric: none stored
+    gate1, q0 = linear_name(1, "gate"), linear_name(0, "q")
+    assert tensors[f"{gate1}.weight_packed"].dtype == torch.int32
+    assert tensors[f"{gate1}.weight_zero_point"].shape == (384 * 3 // 32, 2)  # packed on dim 0
+    assert f"{q0}.weight_zero_point" not in tensors  # symmetric: none stored
     ours = _packed(src)
     theirs = _decompressed(tmp_path / "ct")
     assert set(theirs) == set(ours)
     for name, q in ours.items():
         # the library dequantizes in the stored scales' dtype, as pqflow does in its compute dtype
         assert torch.equal(theirs[name], q.dequantize(theirs[name].dtype)), name
-    assert theirs["model.layers.0.self_attn.q_proj"].dtype == getattr(torch, dtype)
+    assert theirs[linear_name(0, "q")].dtype == getattr(torch, dtype)
 
 
 def test_ragged_last_group_fails_naming_the_layer_or_widens_exactly(tiny, tmp_path):
-    ragged = "model.layers.1.mlp.down_proj"  # in 384, groups of 256: the last group has 128 columns
+    ragged = linear_name(1, "down")  # in 384, groups of 256: the last group has 128 columns
     src = _artifact(tiny, tmp_path / "q", extra={ragged: LinearSpec(4, 256, False)})
     with pytest.raises(ExportError, match=rf"^{ragged}: in_features 384 is not a multiple of group_size 256"):
         _export(src, tmp_path / "ct", dtype="float32")
@@ -112,18 +116,12 @@ def test_ragged_last_group_fails_naming_the_layer_or_widens_exactly(tiny, tmp_pa
 
 
 def _prune_mlp(model, widths: list[int]) -> None:
+    """Keep the first ``w`` MLP channels of each layer (the adapter's surgery)."""
+    from pqflow import architectures as arch
     from pqflow.methods.prune.surgery import SHAPES_KEY
 
-    for layer, w in zip(model.model.layers, widths, strict=True):
-        mlp = layer.mlp
-        for nm in ("gate_proj", "up_proj"):
-            old = getattr(mlp, nm)
-            new = torch.nn.Linear(old.in_features, w, bias=False)
-            new.weight.data = old.weight.data[:w].clone()
-            setattr(mlp, nm, new)
-        old = mlp.down_proj
-        mlp.down_proj = torch.nn.Linear(w, old.out_features, bias=False)
-        mlp.down_proj.weight.data = old.weight.data[:, :w].clone()
+    for layer, w in zip(arch.decoder_layers(model), widths, strict=True):
+        arch.cut_channels(layer, list(range(w)))
     setattr(model.config, SHAPES_KEY, [[4, 2, w] for w in widths])
 
 
@@ -131,7 +129,7 @@ def test_uneven_pruned_widths_fail_and_uniform_ones_go_into_the_config(tiny, tmp
     model, tok = tiny
     _prune_mlp(model, [384, 256, 384, 384])
     src = _artifact((model, tok), tmp_path / "uneven")
-    with pytest.raises(ExportError, match=r"^model\.layers\.1 has another width.*--uneven pad"):
+    with pytest.raises(ExportError, match=rf"^{re.escape(BLOCKS)}\.1 has another width.*--uneven pad"):
         _export(src, tmp_path / "ct")
     from pqflow.tiny import tiny_llama
 

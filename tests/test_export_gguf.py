@@ -4,7 +4,9 @@ file scored in llama.cpp on the same windows as pqflow."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import re
 from pathlib import Path
 
 import gguf
@@ -25,20 +27,22 @@ from pqflow.quant.linear import QuantLinear
 from pqflow.quant.model import FORMAT, quantize_embeddings, save_quantized
 from pqflow.tiny import tiny_llama
 
+from .test_export import BLOCKS, linear_name
+
 # layers given a scheme the format cannot hold exactly, and why each is interesting
 ODD = {
-    "model.layers.0.self_attn.q_proj": LinearSpec(3, 32, False),  # 3-bit asym: widen -> Q8_0
-    "model.layers.0.mlp.up_proj": LinearSpec(2, None, False),  # 2-bit per channel: widen -> Q8_0
-    "model.layers.1.self_attn.v_proj": LinearSpec(3, 64, True),  # 3-bit sym: widen -> Q4_0
-    "model.layers.1.self_attn.o_proj": LinearSpec(4, 16, False),  # groups of 16: no 32-blocks
-    "model.layers.2.mlp.down_proj": LinearSpec(8, None, False),  # 8-bit asym: code - zero past int8
+    linear_name(0, "q"): LinearSpec(3, 32, False),  # 3-bit asym: widen -> Q8_0
+    linear_name(0, "up"): LinearSpec(2, None, False),  # 2-bit per channel: widen -> Q8_0
+    linear_name(1, "v"): LinearSpec(3, 64, True),  # 3-bit sym: widen -> Q4_0
+    linear_name(1, "o"): LinearSpec(4, 16, False),  # groups of 16: no 32-blocks
+    linear_name(2, "down"): LinearSpec(8, None, False),  # 8-bit asym: code - zero past int8
 }
 # exact schemes beside the default 4-bit g64 asymmetric (Q4_1)
 EXACT = {
-    "model.layers.1.self_attn.q_proj": LinearSpec(4, 32, True),  # Q4_0
-    "model.layers.0.self_attn.k_proj": LinearSpec(4, None, False),  # per channel -> Q4_1
-    "model.layers.2.mlp.up_proj": LinearSpec(8, 32, True),  # Q8_0
-    "model.layers.3.mlp.down_proj": LinearSpec(8, None, True),  # per channel -> Q8_0
+    linear_name(1, "q"): LinearSpec(4, 32, True),  # Q4_0
+    linear_name(0, "k"): LinearSpec(4, None, False),  # per channel -> Q4_1
+    linear_name(2, "up"): LinearSpec(8, 32, True),  # Q8_0
+    linear_name(3, "down"): LinearSpec(8, None, True),  # per channel -> Q8_0
 }
 
 
@@ -73,16 +77,15 @@ def _export(src: Path, tmp_path: Path, fallback: str = "error", dtype: str = "fl
 
 
 def _gguf_name(hf_name: str) -> str:
-    if hf_name == "model.embed_tokens":
-        return "token_embd.weight"
-    _, _, i, rest = hf_name.split(".", 3)
-    return f"blk.{i}.{dict(gx._LAYER_TENSORS)[rest]}.weight"
+    # gguf-py's own name map, as llama.cpp's converter names the tensors (4 blocks: the tiny model)
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 4).get_name(f"{hf_name}.weight", try_suffixes=(".weight",))
 
 
 def _perm(hf_name: str, hp: gx.HParams) -> np.ndarray | None:
-    if hf_name.endswith("q_proj"):
+    role = {linear_name(i, r): r for i in range(hp.n_layers) for r in ("q", "k")}.get(hf_name)
+    if role == "q":
         return gx.rope_permutation(hp.n_heads * hp.head_dim, hp.n_heads)
-    if hf_name.endswith("k_proj"):
+    if role == "k":
         return gx.rope_permutation(hp.n_kv_heads * hp.head_dim, hp.n_kv_heads)
     return None
 
@@ -126,7 +129,7 @@ def test_codes_are_written_as_exact_blocks(tiny, tmp_path):
     assert len(seen) == 4 * 7 + 1  # every decoder linear and the quantized embedding
     want = {n: {4: {True: "Q4_0", False: "Q4_1"}, 8: {True: "Q8_0"}}[s.bits][s.symmetric] for n, s in EXACT.items()}
     assert {n: seen[n][0] for n in EXACT} == want
-    assert seen["model.embed_tokens"][0] == "Q4_1" and seen["model.layers.3.mlp.up_proj"][0] == "Q4_1"
+    assert seen["model.embed_tokens"][0] == "Q4_1" and seen[linear_name(3, "up")][0] == "Q4_1"
     # Q4_1's only loss is the fp16 minimum: visible, but tiny
     assert 0 < max(d for t, d in seen.values() if t == "Q4_1") < 1e-3
     assert summary["lossless"] and summary["file_type"] == "Q4_1" and summary["widened"] == {}
@@ -177,11 +180,11 @@ def test_inexact_schemes_fail_naming_the_layer_and_write_nothing(tiny, tmp_path)
     with pytest.raises(ExportError) as err:
         _export(src, tmp_path)
     msg = str(err.value)
-    assert msg.startswith("model.layers.0.self_attn.q_proj: 3-bit asymmetric") and "widen" in msg
+    assert msg.startswith(f"{linear_name(0, 'q')}: 3-bit asymmetric") and "widen" in msg
     assert len(msg.splitlines()) == 1
     assert not (tmp_path / "gguf").exists() and not list(tmp_path.glob(".gguf.partial-*"))
-    only_g16 = _quantized(tiny_llama(seed=0), tmp_path / "g16", overrides={"model.layers.1.self_attn.o_proj": LinearSpec(4, 16, False)})
-    with pytest.raises(ExportError, match=r"^model.layers.1.self_attn.o_proj: group size 16 is not a multiple of 32"):
+    only_g16 = _quantized(tiny_llama(seed=0), tmp_path / "g16", overrides={linear_name(1, "o"): LinearSpec(4, 16, False)})
+    with pytest.raises(ExportError, match=rf"^{re.escape(linear_name(1, 'o'))}: group size 16 is not a multiple of 32"):
         _export(only_g16, tmp_path)
 
 
@@ -190,11 +193,11 @@ def test_widen_is_lossless(tiny, tmp_path):
     path, summary = _export(src, tmp_path, fallback="widen")
     seen = _compare_all(src, path)  # widened tensors must match exactly
     assert set(summary["widened"]) == set(ODD) and summary["lossless"]
-    assert summary["widened"]["model.layers.0.self_attn.q_proj"] == "Q8_0"
-    assert summary["widened"]["model.layers.0.mlp.up_proj"] == "Q8_0"
-    assert summary["widened"]["model.layers.1.self_attn.v_proj"] == "Q4_0"
-    assert summary["widened"]["model.layers.1.self_attn.o_proj"] in ("F16", "F32")
-    assert summary["widened"]["model.layers.2.mlp.down_proj"] in ("Q8_0", "F16", "F32")
+    assert summary["widened"][linear_name(0, "q")] == "Q8_0"
+    assert summary["widened"][linear_name(0, "up")] == "Q8_0"
+    assert summary["widened"][linear_name(1, "v")] == "Q4_0"
+    assert summary["widened"][linear_name(1, "o")] in ("F16", "F32")
+    assert summary["widened"][linear_name(2, "down")] in ("Q8_0", "F16", "F32")
     assert all(seen[n][0] == summary["widened"][n] for n in ODD)
 
 
@@ -203,9 +206,9 @@ def test_requant_is_lossy_and_listed(tiny, tmp_path):
     path, summary = _export(src, tmp_path, fallback="requant")
     req = summary["requantized"]
     assert set(req) == set(ODD) and not summary["lossless"]
-    assert req["model.layers.0.self_attn.q_proj"]["type"] == "Q4_1"
-    assert req["model.layers.1.self_attn.v_proj"]["type"] == "Q4_0"
-    assert req["model.layers.2.mlp.down_proj"]["type"] == "Q8_0"
+    assert req[linear_name(0, "q")]["type"] == "Q4_1"
+    assert req[linear_name(1, "v")]["type"] == "Q4_0"
+    assert req[linear_name(2, "down")]["type"] == "Q8_0"
     assert all(0 < r["rel_weight_error"] < 0.2 for r in req.values()), req
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types["blk.1.attn_output.weight"] == "Q4_1" and types["blk.0.ffn_up.weight"] == "Q4_1"
@@ -233,18 +236,13 @@ def test_requant_cost_is_reported_as_unmeasured_without_the_text(tiny, tmp_path,
 
 
 def _prune(model, shapes: list[tuple[int, int, int]]) -> None:
-    """Keep the first heads / KV heads / MLP channels of each layer (a stand-in for real pruning)."""
-    for layer, (nh, nkv, inter) in zip(model.model.layers, shapes, strict=True):
-        a, m = layer.self_attn, layer.mlp
-        hd = a.head_dim
-        for lin, rows in ((a.q_proj, nh * hd), (a.k_proj, nkv * hd), (a.v_proj, nkv * hd),
-                          (m.gate_proj, inter), (m.up_proj, inter)):
-            lin.weight.data = lin.weight.data[:rows].clone()
-            lin.out_features = rows
-        for lin, cols in ((a.o_proj, nh * hd), (m.down_proj, inter)):
-            lin.weight.data = lin.weight.data[:, :cols].clone()
-            lin.in_features = cols
-        a.num_key_value_groups = nh // nkv
+    """Keep the first heads / KV heads / MLP channels of each layer (a stand-in for real pruning,
+    through the adapter's surgery)."""
+    from pqflow import architectures as arch
+
+    for layer, (nh, nkv, inter) in zip(arch.decoder_layers(model), shapes, strict=True):
+        arch.cut_heads(layer, list(range(nh)), list(range(nkv)))
+        arch.cut_channels(layer, list(range(inter)))
     setattr(model.config, SHAPES_KEY, [list(s) for s in shapes])
 
 
@@ -258,7 +256,7 @@ def _pruned(tiny, tmp_path: Path, shapes) -> Path:
 
 def test_uneven_widths_fail_naming_the_layer(tiny, tmp_path):
     src = _pruned(tiny, tmp_path, [(4, 2, 384), (4, 2, 256), (4, 2, 384), (4, 2, 384)])
-    with pytest.raises(ExportError, match=r"^model.layers.1 has another width .*--uneven pad"):
+    with pytest.raises(ExportError, match=rf"^{re.escape(BLOCKS)}\.1 has another width .*--uneven pad"):
         _export(src, tmp_path)
     assert not (tmp_path / "gguf").exists()
 
@@ -367,3 +365,94 @@ def test_llama_cpp_scores_an_uneven_export_like_pqflow(tiny, tmp_path, uneven):
     theirs = _engine_ppl(path, windows)
     print(f"uneven widths ({uneven}), 4-bit g32 asym: pqflow ppl {ours:.4f}, llama.cpp ppl {theirs:.4f}")
     assert abs(theirs - ours) / ours < 0.005, (theirs, ours)
+
+
+# -- families ---------------------------------------------------------------------------------
+
+# family -> the llama.cpp arch it is written as; 80 tokens of ids
+FAMILY_IDS = [[(7 * i + 3) % 256 for i in range(80)]]
+GGUF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def _family_artifact(family: str, tmp_path: Path, **config) -> tuple[Path, torch.nn.Module]:
+    from pqflow.architectures import prepare
+    from pqflow.tiny import tiny_model
+
+    model, tok = tiny_model(family)
+    prepare(model)
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    return _publish(model, tok, tmp_path / family), model
+
+
+def _engine_logits(path: Path, ids: list[int]) -> np.ndarray:
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), n_batch=len(ids), logits_all=True,
+                          verbose=False, n_threads=2)
+    try:
+        llm.eval(ids)
+        return np.asarray(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+
+
+def test_tensor_names_are_gguf_pys_for_each_arch(tmp_path):
+    for family, arch in GGUF_FAMILIES.items():
+        src, model = _family_artifact(family, tmp_path)
+        path, summary = _export(src, tmp_path, name=f"{family}-gguf")
+        assert summary["arch"] == arch
+        names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 4)
+        expected = {names.get_name(k, try_suffixes=(".weight", ".bias")) for k in model.state_dict()
+                    if k != "lm_head.weight"}  # tied: llama.cpp reuses token_embd
+        assert {t.name for t in gguf.GGUFReader(path).tensors} == expected, family
+        assert None not in expected
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_family_without_a_gguf_arch_is_refused_by_name_before_writing(family, tmp_path):
+    src, _ = _family_artifact(family, tmp_path)
+    with pytest.raises(ExportError, match=rf"^gguf export is not supported for {family}: .*hf-dense or compressed"):
+        _export(src, tmp_path)
+    assert not (tmp_path / "gguf").exists()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_llama_cpp_computes_each_family_like_pqflow(family, tmp_path):
+    # float32 weights: only the layout (tensor names, q/k row order, biases, q/k norms) can differ
+    _llama_cpp()
+    extra = {"sliding_window": 512} if family == "mistral" else {}
+    src, _ = _family_artifact(family, tmp_path, **extra)
+    path, _ = _export(src, tmp_path, dtype="float32")
+    if family == "mistral":  # llama.cpp's llama arch has no sliding window: the context stops at it
+        assert gguf.GGUFReader(path).fields["llama.context_length"].contents() == 512
+    ids = torch.tensor(FAMILY_IDS)
+    with torch.no_grad():
+        ref = load_model_artifact(src).model(input_ids=ids).logits[0].numpy()
+    got = _engine_logits(path, FAMILY_IDS[0])
+    assert np.abs(got - ref).max() < 0.01 * ref.std(), (np.abs(got - ref).max(), ref.std())
+
+
+def test_uneven_native_pads_an_arch_without_per_layer_widths(tmp_path):
+    # arch deci holds per-layer widths for Llama only; a Qwen3 pruned unevenly is padded to its own arch
+    from pqflow.architectures import prepare
+    from pqflow.methods.prune.format import FORMAT as PRUNED
+    from pqflow.methods.prune.plan import PrunePlan
+    from pqflow.methods.prune.surgery import apply_plan
+    from pqflow.tiny import tiny_model
+
+    from .test_export_pad import UNEVEN
+
+    model, tok = tiny_model("qwen3")
+    prepare(model)
+    apply_plan(model, PrunePlan(keep=UNEVEN))
+    src = _publish(model, tok, tmp_path / "pruned", fmt=PRUNED)
+    with pytest.raises(ExportError, match=rf"^{re.escape(BLOCKS)}\.1 has another width .*--uneven pad"):
+        _export(src, tmp_path)
+    path, summary = _export(src, tmp_path, uneven="native", dtype="float32")
+    assert summary["arch"] == "qwen3" and summary["padded"]["layers"] == [1, 2, 3]
+    if importlib.util.find_spec("llama_cpp") is None:
+        return
+    with torch.no_grad():
+        ref = load_model_artifact(src).model(input_ids=torch.tensor(FAMILY_IDS)).logits[0].numpy()
+    got = _engine_logits(path, FAMILY_IDS[0])
+    assert np.abs(got - ref).max() < 0.01 * ref.std(), (np.abs(got - ref).max(), ref.std())

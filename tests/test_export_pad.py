@@ -5,6 +5,7 @@ transformers; padded weights are zero-point codes, so a padded quantized layer s
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ from pqflow.perplexity import perplexity
 from pqflow.quant.linear import QuantLinear
 from pqflow.quant.model import FORMAT, save_quantized
 
+from .test_export import BLOCKS, linear_name
+
 # tiny Llama: 4 query heads of 32 in 2 KV groups, MLP 384. Layer 0 stays whole.
 UNEVEN = {
     1: LayerKeep(heads=[0, 1], kv=[0], channels=list(range(0, 384, 3)) + list(range(1, 384, 3))),  # 1 KV group
@@ -36,11 +39,11 @@ UNEVEN = {
 }
 # schemes the padding must keep exact: symmetric, per channel, 8-bit, groups narrower than a head
 SCHEMES = {
-    "model.layers.1.self_attn.q_proj": LinearSpec(4, 32, True),
-    "model.layers.1.self_attn.o_proj": LinearSpec(3, None, False),
-    "model.layers.2.self_attn.o_proj": LinearSpec(4, 16, True),
-    "model.layers.2.mlp.down_proj": LinearSpec(8, None, True),
-    "model.layers.3.mlp.down_proj": LinearSpec(2, 32, False),
+    linear_name(1, "q"): LinearSpec(4, 32, True),
+    linear_name(1, "o"): LinearSpec(3, None, False),
+    linear_name(2, "o"): LinearSpec(4, 16, True),
+    linear_name(2, "down"): LinearSpec(8, None, True),
+    linear_name(3, "down"): LinearSpec(2, 32, False),
 }
 
 
@@ -103,8 +106,8 @@ def test_padding_inside_a_quantization_group_is_refused_by_name():
     lin = torch.nn.Linear(96, 4, bias=False)
     q = QuantLinear.from_linear(lin, 4, 64, False)
     cols = torch.cat([torch.arange(32), torch.full((32,), PAD), torch.arange(32, 96)])  # splits group 0
-    with pytest.raises(ExportError, match=r"^model.layers.5.self_attn.o_proj: padding inserts zero columns"):
-        pad_quant("model.layers.5.self_attn.o_proj", q, None, cols)
+    with pytest.raises(ExportError, match=rf"^{re.escape(linear_name(5, 'o'))}: padding inserts zero columns"):
+        pad_quant(linear_name(5, "o"), q, None, cols)
 
 
 def test_padded_hf_dense_scores_pqflow_ppl_in_plain_transformers(tiny, tmp_path):
@@ -134,7 +137,7 @@ def test_cli_pads_on_request_and_refuses_by_default(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", src, "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "model.layers.1" in err and "--uneven pad" in err
+    assert len(err.splitlines()) == 1 and f"{BLOCKS}.1" in err and "--uneven pad" in err
     assert not (tmp_path / "ct").exists()
     assert main(["export", src, "--format", "compressed-tensors", "--out", str(tmp_path / "ct"),
                  "--uneven", "pad"]) == 0
@@ -147,3 +150,23 @@ def test_native_pads_where_the_format_has_no_per_layer_widths(tiny, tmp_path):
     src = _uneven(tiny, tmp_path)
     res = export_artifact(src, "hf-dense", f"file://{tmp_path}/dense", ExportOptions(uneven="native"))
     assert res["padded"]["to"] == {"n_heads": 4, "n_kv_heads": 2, "intermediate": 384}
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
+def test_padding_through_the_adapter_keeps_each_familys_output(family):
+    """The roles come from the architecture adapter: Qwen2's q/k/v biases are padded with zeros,
+    Qwen3's and Gemma 3's per-head q/k norms see zero heads, Gemma's sandwich norms are untouched."""
+    from pqflow.architectures import prepare
+    from pqflow.tiny import tiny_model
+
+    model, _ = tiny_model(family)
+    prepare(model)
+    assert not apply_plan(model, PrunePlan(keep=UNEVEN))
+    ids = torch.tensor([[(7 * i + 3) % 256 for i in range(80)]])  # past Gemma's sliding window
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    summary = pad_uniform(model)
+    assert summary["layers"] == [1, 2, 3] and len(set(layer_widths(model))) == 1
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)

@@ -1,6 +1,7 @@
 """Packed low-bit layers, RTN / GPTQ, the pqflow-quant format and the quantize stage (tiny model)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from pqflow import architectures as arch
 from pqflow.artifacts import build_manifest, publish
 from pqflow.methods.quant import gptq, rtn
 from pqflow.methods.quant.plan import LinearSpec, resolve_plan
@@ -19,8 +21,18 @@ from pqflow.quant.model import FORMAT, quantize_embeddings, save_quantized
 from pqflow.quant.packing import pack, packed_len, unpack
 from pqflow.quant.report import folder_tensor_sizes, module_bytes
 from pqflow.runner import run_stage
+from pqflow.tiny import tiny_llama
 
 BITS = (2, 3, 4, 8)
+
+
+def _proj(model: nn.Module, block: int, role: str) -> arch.Proj:
+    return arch.projections(arch.decoder_layers(model)[block])[role]
+
+
+def _name(model: nn.Module, block: int, role: str) -> str:
+    """The full module name of a role's linear in block ``block``."""
+    return f"{arch.block_names(model)[block]}.{_proj(model, block, role).name}"
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -68,7 +80,7 @@ def _calib(n=16, seqlen=64, seed=0):
 
 def test_gptq_beats_rtn_on_layer_output(tiny):
     model, _ = tiny
-    name = "model.layers.1.mlp.down_proj"
+    name = _name(model, 1, "down")
     lin = model.get_submodule(name)
     seen = []
     h = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
@@ -126,9 +138,9 @@ def test_save_reload_identical_and_small(tiny, tmp_path: Path):
     model, tok = tiny
     fp_dir = save_model(model, tok, tmp_path / "fp16", saver=lambda m, t, o: _save_fp16(m, t, o))
     plan = resolve_plan(model, 4, 64, False)
-    plan["model.layers.0.self_attn.q_proj"] = LinearSpec(3, 32, True)
-    plan["model.layers.0.mlp.up_proj"] = LinearSpec(2, None, False)
-    plan["model.layers.2.mlp.down_proj"] = LinearSpec(8, None, False)
+    plan[_name(model, 0, "q")] = LinearSpec(3, 32, True)
+    plan[_name(model, 0, "up")] = LinearSpec(2, None, False)
+    plan[_name(model, 2, "down")] = LinearSpec(8, None, False)
     rtn.quantize(model, None, plan, rtn.Params())
     out = save_model(model, tok, tmp_path / "q", fmt=FORMAT, saver=save_quantized)
     ids = _calib(2, 32, seed=3)
@@ -155,18 +167,9 @@ def _save_fp16(model, tok, out):
 
 def test_pruned_shapes_and_quantized_embeddings_reload(tiny, tmp_path: Path):
     model, tok = tiny
-    mlp = model.model.layers[1].mlp  # an unevenly pruned block: 384 -> 200 MLP channels
-    keep = torch.arange(200)
-    for nm in ("gate_proj", "up_proj"):
-        old = getattr(mlp, nm)
-        new = nn.Linear(128, 200, bias=False)
-        new.weight.data = old.weight.data[keep].clone()
-        setattr(mlp, nm, new)
-    new = nn.Linear(200, 128, bias=False)
-    new.weight.data = mlp.down_proj.weight.data[:, keep].clone()
-    mlp.down_proj = new
+    arch.cut_channels(arch.decoder_layers(model)[1], list(range(200)))  # an unevenly pruned block: 384 -> 200
     plan = resolve_plan(model, 4, 64, False)
-    del plan["model.layers.3.self_attn.o_proj"]  # one linear left in floating point
+    del plan[_name(model, 3, "o")]  # one linear left in floating point
     rtn.quantize(model, None, plan, rtn.Params())
     info = quantize_embeddings(model, 8, None, 64, False)
     assert info["lm_head"]["tied"]
@@ -177,10 +180,10 @@ def test_pruned_shapes_and_quantized_embeddings_reload(tiny, tmp_path: Path):
         # The tied head computes with the embedding's own codes.
         emb = model.get_input_embeddings()
         h = torch.randn(1, 128)
-        torch.testing.assert_close(model.lm_head(h), h @ emb.dequantize().T)
+        torch.testing.assert_close(model.get_output_embeddings()(h), h @ emb.dequantize().T)
     again = load_model_artifact(out).model
-    assert again.model.layers[1].mlp.down_proj.in_features == 200
-    assert type(again.model.layers[3].self_attn.o_proj) is nn.Linear
+    assert _proj(again, 1, "down").in_features == 200
+    assert type(_proj(again, 3, "o").module) is nn.Linear
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, logits)
     sizes = folder_tensor_sizes(out)
@@ -202,20 +205,22 @@ def test_quantize_stage_runs_with_allocation(tiny_recipe, tmp_path: Path):
     tiny_recipe.stages.quantize.method = "gptq"
     tiny_recipe.stages.quantize.params = {"n_windows": 4}
     cal = run_stage("calibrate", tiny_recipe, {}, f"file://{tmp_path}/cal")
+    ref, _ = tiny_llama()
+    q0, down1, up2 = _name(ref, 0, "q"), _name(ref, 1, "down"), _name(ref, 2, "up")
     alloc = _allocation_artifact(tmp_path, {
-        "model.layers.0.self_attn.q_proj": {"bits": 8, "group_size": None},
-        "model.layers.1.mlp.down_proj": {"bits": 16},
-        "model.layers.2.mlp.up_proj": {"bits": 3},
+        q0: {"bits": 8, "group_size": None},
+        down1: {"bits": 16},
+        up2: {"bits": 3},
     })
     res = run_stage("quantize", tiny_recipe, {"calib": cal.uri, "allocation": alloc}, f"file://{tmp_path}/q")
     report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
-    assert report["plan"]["model.layers.0.self_attn.q_proj"] == {"bits": 8, "group_size": None, "symmetric": False}
-    assert "model.layers.1.mlp.down_proj" not in report["plan"]
-    assert report["plan"]["model.layers.2.mlp.up_proj"]["bits"] == 3
+    assert report["plan"][q0] == {"bits": 8, "group_size": None, "symmetric": False}
+    assert down1 not in report["plan"]
+    assert report["plan"][up2]["bits"] == 3
     assert res.summary["quantized_linears"] == 27 and 4 < res.summary["avg_bits"] < 5
     m = load_model_artifact(tmp_path / "q").model
-    assert m.get_submodule("model.layers.0.self_attn.q_proj").bits == 8
-    assert type(m.get_submodule("model.layers.1.mlp.down_proj")) is nn.Linear
+    assert m.get_submodule(q0).bits == 8
+    assert type(m.get_submodule(down1)) is nn.Linear
     assert run_stage("quantize", tiny_recipe, {"calib": cal.uri, "allocation": alloc}, f"file://{tmp_path}/q").skipped
 
 
@@ -240,8 +245,10 @@ def test_bad_allocation_is_one_clear_error(tiny_recipe, tmp_path: Path):
     from pqflow.errors import PqflowError
 
     tiny_recipe.stages.quantize.enabled = True
-    alloc = _allocation_artifact(tmp_path, {"model.layers.9.mlp.up_proj": {"bits": 4}})
-    with pytest.raises(PqflowError, match="model.layers.9.mlp.up_proj: no such decoder linear"):
+    ref, _ = tiny_llama()
+    missing = f"{arch.layers_prefix(ref)}.9.{_proj(ref, 0, 'up').name}"  # the tiny model has 4 blocks
+    alloc = _allocation_artifact(tmp_path, {missing: {"bits": 4}})
+    with pytest.raises(PqflowError, match=f"{re.escape(missing)}: no such decoder linear"):
         run_stage("quantize", tiny_recipe, {"allocation": alloc}, f"file://{tmp_path}/q")
     assert not (tmp_path / "q").exists()
 
@@ -253,4 +260,4 @@ def test_bnb_int8_stage(tiny_recipe, tmp_path: Path):
     res = run_stage("quantize", tiny_recipe, {}, f"file://{tmp_path}/q")
     assert res.summary["quantized_linears"] == 28 and res.summary["avg_bits"] < 9
     m = load_model_artifact(tmp_path / "q").model
-    assert type(m.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
+    assert type(_proj(m, 0, "down").module).__name__ == "Linear8bitLt"

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from pqflow.architectures import block_names, decoder_layers, projections
 from pqflow.methods.quant import mrem, rtn
 from pqflow.methods.quant.plan import resolve_plan
 from pqflow.quant import QuantLinear
@@ -11,6 +12,16 @@ from pqflow.tiny import tiny_llama
 
 def _windows(n, seed):
     return torch.randint(0, 256, (n, 64), generator=torch.Generator().manual_seed(seed))
+
+
+def _block_sum(model, errs, key):
+    """Sum of a per-module statistic of mrem's report over the model's blocks."""
+    return sum(errs[f"{b}.{key}"] for b in block_names(model))
+
+
+def _proj(model, block, role):
+    """Full module name of a block's projection (role: q, k, v, o, gate, up, down)."""
+    return f"{block_names(model)[block]}.{projections(decoder_layers(model)[block])[role].name}"
 
 
 def _logit_mse(model, ref_model, ev):
@@ -27,8 +38,8 @@ def test_mrem_improves_on_gptq(tiny, inputs):
     mrem.quantize(m, calib, resolve_plan(m, 3, 32, False), params)
     assert all(isinstance(m.get_submodule(n), QuantLinear) for n in resolve_plan(ref, 3, 32, False))
     errs = m.quant_errors
-    before = sum(errs[f"model.layers.{i}.mse_before"] for i in range(4))
-    after = sum(errs[f"model.layers.{i}.mse_after"] for i in range(4))
+    before = _block_sum(m, errs, "mse_before")
+    after = _block_sum(m, errs, "mse_after")
     assert after < before, errs
     # End to end, MREM and GPTQ are within noise of each other on a random tiny model (the order
     # flips with the thread count); both must clearly beat round-to-nearest. The real comparison
@@ -63,15 +74,15 @@ def test_mrem_two_processes_match_one(tiny):
 def test_gptq_hessians_alias_only_linears_reading_the_same_tensor(tiny):
     """q/k/v share one XᵀX and gate/up another; nothing else may (a freed activation's address
     reused by the next one of the same shape once aliased gate/up to q, nondeterministically)."""
-    from pqflow.methods.quant.blocks import block_linears, capture_inputs, decoder_layers
+    from pqflow.methods.quant.blocks import block_linears, capture_inputs
     from pqflow.methods.quant.gptq import collect_hessians
 
     model, _ = tiny
     x = capture_inputs(model, _windows(8, 0), 2)
     blk = decoder_layers(model)[0]
     hooks = collect_hessians(blk, block_linears(blk, "l"), x)
-    assert hooks.alias == {"l.self_attn.k_proj": "l.self_attn.q_proj", "l.self_attn.v_proj": "l.self_attn.q_proj",
-                           "l.mlp.up_proj": "l.mlp.gate_proj"}
+    p = {r: f"l.{v.name}" for r, v in projections(blk).items()}
+    assert hooks.alias == {p["k"]: p["q"], p["v"]: p["q"], p["up"]: p["gate"]}
 
 
 def test_default_steps_depend_on_the_module_bits():
@@ -91,9 +102,9 @@ def test_learned_rounding_moves_codes_and_beats_fixed_rounding(tiny):
         m, _ = tiny_llama(seed=0)
         mrem.quantize(m, calib, resolve_plan(m, 2, 32, False), mrem.Params(steps=150, n_windows=16, rounding=rounding))
         runs[rounding] = m
-    errs = {k: sum(m.quant_errors[f"model.layers.{i}.mse_after"] for i in range(4)) for k, m in runs.items()}
+    errs = {k: _block_sum(m, m.quant_errors, "mse_after") for k, m in runs.items()}
     assert errs["learned"] < 0.7 * errs["fixed"], errs
-    name = "model.layers.0.mlp.down_proj"
+    name = _proj(runs["fixed"], 0, "down")
     fixed, learned = runs["fixed"].get_submodule(name), runs["learned"].get_submodule(name)
     # block 0 sees the same inputs in both runs, so its GPTQ init is shared: codes move to
     # nearby levels (a latent travels at most 150 x 0.02 / 2 = 1.5 levels), never far
@@ -108,7 +119,7 @@ def test_learned_rounding_with_no_steps_keeps_the_initial_codes(tiny):
     for rounding in ("fixed", "learned"):
         m, _ = tiny_llama(seed=0)
         mrem.quantize(m, calib, resolve_plan(m, 3, 32, False), mrem.Params(steps=0, n_windows=8, rounding=rounding))
-        out.append(m.get_submodule("model.layers.1.self_attn.q_proj"))
+        out.append(m.get_submodule(_proj(m, 1, "q")))
     assert torch.equal(out[0].codes(), out[1].codes())
     torch.testing.assert_close(out[0].scales, out[1].scales)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pqflow import architectures as arch
 from pqflow.export import ExportError, ExportOptions
-from pqflow.methods.importance.common import decoder_layers
 from pqflow.methods.prune.surgery import SHAPES_KEY
 from pqflow.models import LoadedModel, load_model_artifact
 from pqflow.quant.linear import QuantEmbedding, QuantLinear, TiedQuantHead
@@ -39,7 +39,7 @@ def is_lora(mod: nn.Module) -> bool:
     return isinstance(mod, LoraLayer)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -68,29 +68,34 @@ def densify(model: nn.Module) -> nn.Module:
             for adapter in mod.active_adapters:
                 if adapter in mod.lora_A:
                     w = w + mod.get_delta_weight(adapter).float()
-            _set(model, name, _linear(w, b))
+            set_module(model, name, _linear(w, b))
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantEmbedding):
             emb = nn.Embedding(mod.out_features, mod.in_features, padding_idx=mod.padding_idx, device="meta")
             emb.weight = nn.Parameter(mod.dequantize(torch.float32).contiguous(), requires_grad=False)
-            _set(model, name, emb)
+            set_module(model, name, emb)
         elif isinstance(mod, QuantLinear):
-            _set(model, name, _linear(*_dense_weight(mod)))
+            set_module(model, name, _linear(*_dense_weight(mod)))
     for name, mod in list(model.named_modules()):
         if isinstance(mod, TiedQuantHead):
-            _set(model, name, _linear(model.get_input_embeddings().weight, None))
+            set_module(model, name, _linear(model.get_input_embeddings().weight, None))
     if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     return model
 
 
+def proj_rows(p: arch.Proj) -> int:
+    """A role's output width; read off the module (a packed or LoRA-wrapped linear has no float
+    ``weight`` to measure) unless the role is a row slice of a fused linear."""
+    return p.module.out_features if p.rows is None else len(range(p.module.out_features)[p.rows])
+
+
 def layer_widths(model: nn.Module) -> list[LayerWidths]:
     """Each decoder layer's (query heads, KV heads, MLP width), read off its linears."""
     out = []
-    for layer in decoder_layers(model):
-        a, m = layer.self_attn, layer.mlp
-        hd = a.head_dim
-        out.append(LayerWidths(a.q_proj.out_features // hd, a.k_proj.out_features // hd, m.up_proj.out_features))
+    for layer in arch.decoder_layers(model):
+        p, hd = arch.projections(layer), arch.head_dim(layer)
+        out.append(LayerWidths(proj_rows(p["q"]) // hd, proj_rows(p["k"]) // hd, proj_rows(p["up"])))
     return out
 
 
@@ -103,12 +108,16 @@ def uniform_widths(model: nn.Module) -> tuple[LayerWidths | None, int | None]:
     return (widths[0] if widths else None), None
 
 
-def _uneven(first: int, fmt: str) -> ExportError:
+def _uneven(prefix: str, first: int, fmt: str) -> ExportError:
     return ExportError(
-        f"model.layers.{first} has another width than model.layers.0 (pruned unevenly); {fmt} uses the standard "
+        f"{prefix}.{first} has another width than {prefix}.0 (pruned unevenly); {fmt} uses the standard "
         "config with one width for every layer: export with --uneven pad (zero-pad every layer to the widest) or "
         "--uneven native (per-layer widths where the format has them; recipe stages.export.uneven), or prune with "
         "allocation 'uniform'")
+
+
+def uneven_error(model: nn.Module, first: int, fmt: str) -> ExportError:
+    return _uneven(arch.layers_prefix(model), first, fmt)
 
 
 def check_uniform_shapes(src: Path, fmt: str, options: ExportOptions | None = None) -> None:
@@ -116,11 +125,25 @@ def check_uniform_shapes(src: Path, fmt: str, options: ExportOptions | None = No
     options pad them or write them natively)."""
     if options is not None and options.uneven != "error":
         return
-    cfg_path = Path(src) / "config.json"
-    shapes = (json.loads(cfg_path.read_text()).get(SHAPES_KEY) if cfg_path.is_file() else None) or []
+    cfg = source_config(src)
+    shapes = (cfg or {}).get(SHAPES_KEY) or []
     for i, shape in enumerate(shapes):
         if shape != shapes[0]:
-            raise _uneven(i, fmt)
+            raise _uneven(arch.config_layers_prefix(cfg), i, fmt)
+
+
+def source_config(src: Path) -> dict | None:
+    """The artifact's ``config.json`` (None when it has none)."""
+    path = Path(src) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_family(src: Path) -> None:
+    """Refuse, before anything loads or is written, a family the exporters do not write (the
+    adapter's EXPORT refusal: one line naming the family and why)."""
+    cfg = source_config(src)
+    if cfg is not None:
+        arch.require(cfg, arch.EXPORT)
 
 
 def load_for_export(src: Path, fmt: str, options: ExportOptions,
@@ -130,8 +153,10 @@ def load_for_export(src: Path, fmt: str, options: ExportOptions,
     padding summary or None)."""
     from pqflow.export.pad import pad_uniform
 
+    check_family(src)
     check_uniform_shapes(src, fmt, options)
     loaded = load_model_artifact(src)
+    arch.require(loaded.model, arch.EXPORT)
     pad = options.uneven == "pad" or (options.uneven == "native" and not per_layer_widths)
     return loaded, pad_uniform(loaded.model) if pad else None
 
@@ -141,12 +166,11 @@ def standard_config(model: nn.Module, fmt: str) -> None:
     quantization config); uneven widths have no place in it."""
     width, first_uneven = uniform_widths(model)
     if first_uneven is not None:
-        raise _uneven(first_uneven, fmt)
+        raise uneven_error(model, first_uneven, fmt)
     cfg = model.config
     if width is not None:
-        cfg.head_dim = decoder_layers(model)[0].self_attn.head_dim  # not hidden / heads once heads are pruned
-        cfg.num_attention_heads, cfg.num_key_value_heads = width.n_heads, width.n_kv_heads
-        cfg.intermediate_size = width.intermediate
+        cfg.head_dim = arch.head_dim(arch.decoder_layers(model)[0])  # not hidden / heads once heads are pruned
+        arch.set_config_shape(model, width.n_heads, width.n_kv_heads, width.intermediate)
     for key in (SHAPES_KEY, "quantization_config"):
         if hasattr(cfg, key):
             delattr(cfg, key)

@@ -1,4 +1,10 @@
-"""``gguf``: one ``model.gguf`` for llama.cpp (arch ``llama``), tokenizer and metadata inside.
+"""``gguf``: one ``model.gguf`` for llama.cpp, tokenizer and metadata inside.
+
+The llama.cpp architecture is the family's (:data:`pqflow.architectures.GGUF_ARCHS`: Llama and
+Mistral as ``llama``, Qwen2 as ``qwen2`` with its q/k/v biases, Qwen3 as ``qwen3`` with its per-head
+q/k norms); other families are refused by name before anything is loaded. The tensors are found by
+the architecture adapter (roles and norms of each block) and named by gguf-py's own name map
+(``gguf.get_tensor_name_map``), as llama.cpp's converter names them.
 
 pqflow's codes are written as GGUF blocks directly, never re-rounded: a block of 32 weights takes
 its group's scale (and zero point), so any group size that is a multiple of 32 (or one scale per
@@ -18,10 +24,12 @@ holds the codes without loss: ``Q4_0`` for symmetric <= 4 bits, else ``Q8_0`` wh
 ``Q4_1``/``Q5_0``/``Q5_1``/``Q8_0``; lossy, the summary lists the layers and their weight error;
 gguf-py cannot quantize k-quants). Norms are F32, other float tensors ``options.dtype``.
 
-Llama's q/k rows are permuted as llama.cpp's converter does (its rope pairs dimensions
-differently from transformers). The permutation moves whole rows, so it commutes with per-row
+In arch ``llama`` the q/k rows are permuted as llama.cpp's converter does (its rope pairs
+dimensions differently from transformers; the ``qwen2``/``qwen3`` archs use transformers' pairing
+and take the rows as they are). The permutation moves whole rows, so it commutes with per-row
 groups: codes, scales and zeros are permuted together. A pruned model with the same width in every
-layer is a plain llama with the shrunk sizes; uneven widths fail with the first differing layer.
+layer is a plain model of its arch with the shrunk sizes; uneven widths fail with the first
+differing layer, or are padded, or (arch ``llama`` only) written as arch ``deci``.
 """
 
 from __future__ import annotations
@@ -42,9 +50,16 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from torch import nn
 
+from pqflow import architectures as arch
 from pqflow.export import ExportError, ExportOptions
-from pqflow.export.dense import LayerWidths, is_lora, layer_widths, load_for_export, uniform_widths
-from pqflow.methods.importance.common import decoder_layers
+from pqflow.export.dense import (
+    LayerWidths,
+    is_lora,
+    layer_widths,
+    load_for_export,
+    source_config,
+    uniform_widths,
+)
 from pqflow.quant.linear import QuantLinear, TiedQuantHead
 
 DESCRIPTION = "GGUF for llama.cpp: 4/8-bit codes as Q4_1/Q4_0/Q8_0 blocks, tokenizer and metadata in the file"
@@ -59,13 +74,11 @@ _FILE_TYPES = {QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MO
                QT.BF16: gguf.LlamaFileType.MOSTLY_BF16, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
                QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
                QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
-# (transformers module under a decoder layer, GGUF name under blk.N), in llama.cpp's order
-_LAYER_TENSORS = (
-    ("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
-    ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
-)
+# llama.cpp archs whose converter permutes the q/k rows (rope on pairs (2i, 2i+1), transformers'
+# rotate_half pairs (i, i + d/2)); the others compute rope as transformers does
+_PERMUTED_ROPE = {"llama", "deci"}
+# the roles whose bias each llama.cpp arch reads (any other bias would be refused by its loader)
+_BIASES = {"llama": ("q", "k", "v", "o"), "deci": ("q", "k", "v", "o"), "qwen2": ("q", "k", "v"), "qwen3": ()}
 
 
 @dataclass(frozen=True)
@@ -82,10 +95,11 @@ class HParams:
     rms_eps: float
     # per-layer (query heads, KV heads, MLP width) when the layers differ: written as arch ``deci``
     per_layer: tuple[LayerWidths, ...] | None = None
+    base: str = "llama"  # the family's llama.cpp arch (when the widths are one per model)
 
     @property
     def arch(self) -> str:
-        return "llama" if self.per_layer is None else "deci"
+        return self.base if self.per_layer is None else "deci"
 
     def widths(self, layer: int) -> LayerWidths:
         if self.per_layer is not None:
@@ -142,32 +156,62 @@ def _vocab_rows(emb: nn.Module) -> int:
     return emb.out_features if isinstance(emb, QuantLinear) else emb.weight.shape[0]  # QuantEmbedding: [vocab, dim]
 
 
+def target_arch(obj: Any) -> str:
+    """The llama.cpp arch a model (or its config, or config dict) is written as; the adapter's
+    export refusal, or one line naming the family that has no GGUF arch here."""
+    arch.require(obj, arch.EXPORT)
+    base = arch.gguf_arch(obj)
+    if base is None:
+        known = ", ".join(sorted(arch.GGUF_ARCHS))
+        raise ExportError(f"gguf export is not supported for {arch.family_of(obj).name}: pqflow writes GGUF for "
+                          f"{known} only; export it as hf-dense or compressed-tensors")
+    return base
+
+
+def _check_biases(model: nn.Module, base: str) -> None:
+    prefix = arch.layers_prefix(model)
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        for role, p in arch.projections(layer).items():
+            if role not in _BIASES[base] and _bias(p.module) is not None:
+                raise ExportError(f"{prefix}.{i}.{p.name}: its bias has no place in llama.cpp's {base} arch")
+
+
+def _context(cfg: Any) -> int:
+    """The trained context; capped at the sliding window when layers slide (the llama.cpp archs
+    written here attend to the whole context, so they agree with the model up to the window)."""
+    ctx = int(cfg.max_position_embeddings)
+    window = getattr(cfg, "sliding_window", None)
+    kinds = getattr(cfg, "layer_types", None) or ()
+    if window and (not kinds or "sliding_attention" in kinds):
+        return min(ctx, int(window))
+    return ctx
+
+
 def hparams(model: nn.Module, per_layer_widths: bool = False) -> HParams:
     """llama.cpp's hyper-parameters, read off the layers (pruned sizes included). Uneven widths
-    need ``per_layer_widths`` (arch ``deci``, which reads head counts and MLP widths per layer)."""
+    need ``per_layer_widths`` (arch ``deci``, which reads head counts and MLP widths per layer;
+    written for arch ``llama`` only)."""
     cfg = model.config
-    if getattr(cfg, "model_type", None) != "llama":
-        raise ExportError(f"config: model_type '{getattr(cfg, 'model_type', None)}' is not llama; "
-                          "the gguf export writes arch 'llama' only")
-    if getattr(cfg, "mlp_bias", False):
-        raise ExportError("model.layers.0.mlp: MLP biases have no place in llama.cpp's llama arch")
+    base = target_arch(model)
+    _check_biases(model, base)
     width, first_uneven = uniform_widths(model)
     per_layer = None
     if first_uneven is not None:
-        if not per_layer_widths:
+        if not per_layer_widths or base != "llama":
+            prefix = arch.layers_prefix(model)
+            native = "--uneven native (arch deci) or pad" if base == "llama" else "--uneven pad"
             raise ExportError(
-                f"model.layers.{first_uneven} has another width than model.layers.0 (pruned unevenly); llama.cpp's "
-                "llama arch holds one width for every layer: export with --uneven native (arch deci) or pad")
+                f"{prefix}.{first_uneven} has another width than {prefix}.0 (pruned unevenly); llama.cpp's "
+                f"{base} arch holds one width for every layer: export with {native}")
         per_layer = tuple(layer_widths(model))
         width = per_layer[0]
-    layers = decoder_layers(model)
-    attn = layers[0].self_attn
+    layers = arch.decoder_layers(model)
     return HParams(
-        n_layers=len(layers), hidden=attn.q_proj.in_features, n_heads=width.n_heads,
-        n_kv_heads=width.n_kv_heads, head_dim=attn.head_dim, intermediate=width.intermediate,
+        n_layers=len(layers), hidden=arch.projections(layers[0])["q"].in_features, n_heads=width.n_heads,
+        n_kv_heads=width.n_kv_heads, head_dim=arch.head_dim(layers[0]), intermediate=width.intermediate,
         vocab=_vocab_rows(model.get_input_embeddings()),
-        context=int(cfg.max_position_embeddings), rope_theta=_rope_theta(cfg), rms_eps=float(cfg.rms_norm_eps),
-        per_layer=per_layer)
+        context=_context(cfg), rope_theta=_rope_theta(cfg), rms_eps=float(cfg.rms_norm_eps),
+        per_layer=per_layer, base=base)
 
 
 def rope_permutation(rows: int, n_head: int) -> np.ndarray:
@@ -369,35 +413,78 @@ def _is_tied(model: nn.Module) -> bool:
     return w is not None and hasattr(emb, "weight") and w.data_ptr() == emb.weight.data_ptr()
 
 
+class TensorNames:
+    """GGUF tensor names from gguf-py's name map for the arch (what llama.cpp's converter uses)."""
+
+    def __init__(self, gguf_arch: str, n_blocks: int) -> None:
+        by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+        self.arch = gguf_arch
+        self.map = gguf.get_tensor_name_map(by_name[gguf_arch], n_blocks)
+
+    def __call__(self, module_name: str, kind: str = "weight") -> str:
+        name = self.map.get_name(f"{module_name}.{kind}", try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ExportError(f"{module_name}: gguf-py's name map for arch {self.arch} has no tensor for it")
+        return name
+
+
+def _module_name(model: nn.Module, mod: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is mod)
+
+
+def _block_tensors(layer: nn.Module, fam: arch.Family) -> list[tuple[str, nn.Module, str | None]]:
+    """(path in the block, module, role or None for a norm), in llama.cpp's converter order: the
+    attention's input norm, q, k, v (their per-head norms), o, the MLP's input norm, gate, up, down."""
+    p = arch.projections(layer, fam)
+    out: list[tuple[str, nn.Module, str | None]] = []
+    norms = [fam.attn_in_norm] if fam.attn_in_norm else []
+    out += [(n, layer.get_submodule(n), None) for n in norms]
+    out += [(p[r].name, p[r].module, r) for r in ("q", "k", "v")]
+    if fam.qk_norm:
+        out += [(n, layer.get_submodule(n), None) for n in (fam.q_norm, fam.k_norm)]
+    out.append((p["o"].name, p["o"].module, "o"))
+    if fam.mlp_in_norm:
+        out.append((fam.mlp_in_norm, layer.get_submodule(fam.mlp_in_norm), None))
+    out += [(p[r].name, p[r].module, r) for r in ("gate", "up", "down")]
+    return out
+
+
 def collect_tensors(model: nn.Module, hp: HParams, options: ExportOptions,
                     report: Report) -> list[tuple[str, Encoded]]:
-    """Every tensor llama.cpp's llama arch reads, named and ordered as its converter writes them."""
+    """Every tensor llama.cpp's arch reads, named and ordered as its converter writes them."""
     out: list[tuple[str, Encoded]] = []
-    inner = getattr(model, "model", model)
-    out.append(("token_embd.weight", encode_module("model.embed_tokens", inner.embed_tokens, None, options, report)))
-    for i, layer in enumerate(decoder_layers(model)):
+    names = TensorNames(hp.arch, hp.n_layers)
+    emb = model.get_input_embeddings()
+    emb_name = _module_name(model, emb)
+    out.append((names(emb_name), encode_module(emb_name, emb, None, options, report)))
+    prefix, fam = arch.layers_prefix(model), arch.family_of(model)
+    for i, layer in enumerate(arch.decoder_layers(model)):
         w = hp.widths(i)
-        perms = {"attn_q": rope_permutation(w.n_heads * hp.head_dim, w.n_heads),
-                 "attn_k": rope_permutation(w.n_kv_heads * hp.head_dim, w.n_kv_heads)}
-        for hf_name, gg_name in _LAYER_TENSORS:
-            mod = layer.get_submodule(hf_name)
-            full = f"model.layers.{i}.{hf_name}"
-            if gg_name.endswith("_norm"):
-                out.append((f"blk.{i}.{gg_name}.weight", Encoded(mod.weight.detach().float().numpy(), QT.F32)))
+        perms = {}
+        if hp.arch in _PERMUTED_ROPE:
+            perms = {"q": rope_permutation(w.n_heads * hp.head_dim, w.n_heads),
+                     "k": rope_permutation(w.n_kv_heads * hp.head_dim, w.n_kv_heads)}
+        for path, mod, role in _block_tensors(layer, fam):
+            full = f"{prefix}.{i}.{path}"
+            if role is None:  # a norm
+                out.append((names(full), Encoded(mod.weight.detach().float().numpy(), QT.F32)))
                 continue
-            perm = perms.get(gg_name)
+            perm = perms.get(role)
             enc = encode_module(full, mod, perm, options, report)
             report.linear_types[enc.qtype.name] += 1
-            out.append((f"blk.{i}.{gg_name}.weight", enc))
+            out.append((names(full), enc))
             bias = _bias(mod)
             if bias is not None:
                 b = bias.detach().float().numpy()
-                out.append((f"blk.{i}.{gg_name}.bias", Encoded(b[perm] if perm is not None else b, QT.F32)))
-    out.append(("output_norm.weight", Encoded(inner.norm.weight.detach().float().numpy(), QT.F32)))
+                out.append((names(full, "bias"), Encoded(b[perm] if perm is not None else b, QT.F32)))
+    norm = arch.final_norm(model)
+    out.append((names(_module_name(model, norm)), Encoded(norm.weight.detach().float().numpy(), QT.F32)))
     if not _is_tied(model):
-        enc = encode_module("lm_head", model.get_output_embeddings(), None, options, report)
+        head = model.get_output_embeddings()
+        head_name = _module_name(model, head)
+        enc = encode_module(head_name, head, None, options, report)
         report.linear_types[enc.qtype.name] += 1
-        out.append(("output.weight", enc))
+        out.append((names(head_name), enc))
     for _, enc in out:
         report.types[enc.qtype.name] += 1
     return out
@@ -461,6 +548,17 @@ def write_metadata(writer: gguf.GGUFWriter, hp: HParams, name: str, file_type: Q
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+# A byte-level BPE's split regex -> llama.cpp's pre-tokenizer with that regex
+_SPLIT_PRE = {
+    # Qwen2 and Qwen3 (LLAMA_VOCAB_PRE_TYPE_QWEN2)
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",
+    # Llama 3 (LLAMA_VOCAB_PRE_TYPE_LLAMA3): numbers in runs of up to three digits
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+}
+
+
 def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     """llama.cpp's name for a byte-level pre-tokenizer, read off tokenizer.json's structure
     (convert_hf_to_gguf hashes a probe text instead, which needs its table of known hashes)."""
@@ -474,6 +572,11 @@ def pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
         return "smollm"  # digits one by one, then gpt2's regex: llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM
     if kinds == ["ByteLevel"]:
         return "gpt-2"  # without merges (the tiny tokenizer) every split gives the same byte tokens
+    if kinds == ["Split", "ByteLevel"] and parts[1].get("use_regex") is False and not parts[0].get("invert") \
+            and parts[0].get("behavior") == "Isolated":
+        name = _SPLIT_PRE.get((parts[0].get("pattern") or {}).get("Regex"))
+        if name:
+            return name
     raise ExportError(f"tokenizer: pre-tokenizer sequence {kinds} has no known llama.cpp name")
 
 
@@ -522,7 +625,11 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, n_vocab: int) -> di
 # -- the format -------------------------------------------------------------------------------
 
 def export(src: Path, out: Path, options: ExportOptions) -> dict[str, Any]:
-    loaded, padded = load_for_export(src, "gguf (arch llama)", options, per_layer_widths=True)
+    cfg = source_config(src)
+    if cfg is None:
+        raise ExportError(f"{src}: no config.json; the gguf export reads the model's family from it")
+    base = target_arch(cfg)  # before the model loads: a family without a GGUF arch fails by name
+    loaded, padded = load_for_export(src, f"gguf (arch {base})", options, per_layer_widths=base == "llama")
     model = _unwrap(loaded.model)
     hp = hparams(model, per_layer_widths=options.uneven == "native")
     report = Report()

@@ -2,9 +2,12 @@
 layer) holds it: the path for engines without per-layer widths (``ExportOptions.uneven = "pad"``).
 
 Every layer is padded up to the widest layer's KV heads, query heads per KV head and MLP channels.
-Padded query, key and value rows are zero, and so are the matching input columns of ``o_proj`` and
-``down_proj``: a padded query head attends somewhere, but its output is multiplied by zero columns,
-and ``silu(0) * 0 = 0`` in the MLP, so the padded model computes exactly what the pruned one did.
+Padded query, key and value rows (and their biases) are zero, and so are the matching input columns
+of the attention's output projection and the MLP's down projection: a padded query head attends
+somewhere, but its output is multiplied by zero columns, and ``silu(0) * 0 = 0`` in the MLP, so the
+padded model computes exactly what the pruned one did. The roles are found by the architecture
+adapter (:mod:`pqflow.architectures`); families whose projections are fused or whose MLP is a
+mixture of experts are not exported, so not padded either.
 Quantized layers are padded in their codes: a padded weight is the code equal to its group's zero
 point, which dequantizes to exactly 0, and the packed bytes stay small. The cost is compute: the
 padded heads and channels are multiplied again.
@@ -22,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pqflow import architectures as arch
 from pqflow.export import ExportError
-from pqflow.export.dense import LayerWidths, is_lora, layer_widths
-from pqflow.methods.importance.common import decoder_layers
+from pqflow.export.dense import LayerWidths, is_lora, layer_widths, set_module
 from pqflow.quant.grid import group_index, n_groups
 from pqflow.quant.linear import QuantLinear
 
@@ -147,30 +150,30 @@ def pad_module(name: str, mod: nn.Module, rows: torch.Tensor | None, cols: torch
 def pad_uniform(model: nn.Module) -> dict | None:
     """Pad every decoder layer to the widest (in place). None when the widths are already uniform;
     else a summary: the padded widths and how many weights were added."""
+    arch.require(model, arch.EXPORT)  # fused projections and MoE experts are not padded
     widths = layer_widths(model)
     if not widths or all(w == widths[0] for w in widths):
         return None
     t = target_widths(widths)
+    prefix = arch.layers_prefix(model)
     added, padded_layers = 0, []
-    for i, (layer, w) in enumerate(zip(decoder_layers(model), widths, strict=True)):
+    for i, (layer, w) in enumerate(zip(arch.decoder_layers(model), widths, strict=True)):
         if w == t.widths:
             continue
-        a, m, hd = layer.self_attn, layer.mlp, layer.self_attn.head_dim
+        hd = arch.head_dim(layer)
         q_rows, kv_rows = head_map(w, t, hd), kv_map(w, t, hd)
         ff = tail_map(w.intermediate, t.intermediate)
-        before = sum(_weights(x) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
-                                           m.down_proj))
-        p = f"model.layers.{i}"
-        a.q_proj = pad_module(f"{p}.self_attn.q_proj", a.q_proj, q_rows, None)
-        a.k_proj = pad_module(f"{p}.self_attn.k_proj", a.k_proj, kv_rows, None)
-        a.v_proj = pad_module(f"{p}.self_attn.v_proj", a.v_proj, kv_rows, None)
-        a.o_proj = pad_module(f"{p}.self_attn.o_proj", a.o_proj, None, q_rows)
-        m.gate_proj = pad_module(f"{p}.mlp.gate_proj", m.gate_proj, ff, None)
-        m.up_proj = pad_module(f"{p}.mlp.up_proj", m.up_proj, ff, None)
-        m.down_proj = pad_module(f"{p}.mlp.down_proj", m.down_proj, None, ff)
-        a.num_key_value_groups = t.heads_per_kv
-        added += sum(_weights(x) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
-                                           m.down_proj)) - before
+        # (rows, columns) each role is padded along: q/k/v/gate/up gain output rows, o and down
+        # the matching input columns
+        maps = {"q": (q_rows, None), "k": (kv_rows, None), "v": (kv_rows, None), "o": (None, q_rows),
+                "gate": (ff, None), "up": (ff, None), "down": (None, ff)}
+        projs = arch.projections(layer)
+        for role, (rows, cols) in maps.items():
+            p = projs[role]
+            new = pad_module(f"{prefix}.{i}.{p.name}", p.module, rows, cols)
+            added += _weights(new) - _weights(p.module)
+            set_module(layer, p.name, new)
+        arch.sync_attention(layer, t.widths.n_heads, t.n_kv_heads)
         padded_layers.append(i)
     return {"to": {"n_heads": t.widths.n_heads, "n_kv_heads": t.n_kv_heads, "intermediate": t.intermediate},
             "layers": padded_layers, "padded_weights": added}

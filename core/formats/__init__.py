@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from torch import nn
 
+from pqflow import architectures
 from pqflow.errors import SourceError
 from pqflow.models import MODEL_META, LoadedModel, report
 
@@ -33,6 +37,73 @@ FORMATS: dict[str, str] = {
     "pqflow-pruned": "pqflow.formats.pruned",
     "pqflow-lora": "pqflow.formats.lora",
 }
+
+
+_PREPARED: dict[type, type] = {}
+
+
+def prepared_class(config: Any) -> type:
+    """The transformers causal-LM class of ``config``, subclassed so that each instance is
+    :func:`pqflow.architectures.prepare`-d as soon as it is built, before ``from_pretrained``
+    loads (or bitsandbytes quantizes) weights into it: artifacts name MoE experts as prepare
+    lays them out. The subclass keeps the class's name, so saved configs name the original."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    cls = _PREPARED.get(base)
+    if cls is None:
+        def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
+            base.__init__(self, config, *args, **kwargs)
+            architectures.prepare(self)
+
+        cls = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
+                                            "__qualname__": base.__qualname__})
+        _PREPARED[base] = cls
+    return cls
+
+
+def _targets_present(transform: Any, keys: list[str]) -> bool:
+    patterns = [re.compile(re.escape(t).replace(r"\*", ".*")) for t in transform.target_patterns]
+    return all(any(p.search(k) for k in keys) for p in patterns)
+
+
+@contextmanager
+def _own_layout() -> Iterator[None]:
+    """Inside: ``from_pretrained`` reads a checkpoint in the prepared model's own layout.
+
+    transformers 5 converts the tensors of some checkpoints while loading them (an MoE model
+    type's per-expert tensors into its fused 3D experts). The prepared model keeps one linear per
+    expert, and pqflow's checkpoints hold exactly those: a conversion into tensors the model does
+    not have is dropped (renamings stay; a quantizer still adds its own steps)."""
+    import transformers.modeling_utils as mu
+    from transformers.core_model_loading import WeightConverter
+
+    original = mu.get_model_conversion_mapping
+
+    def mapping(model: nn.Module, key_mapping: Any = None, hf_quantizer: Any = None, add_legacy: bool = True) -> list:
+        keys = list(model.state_dict())
+        kept = [t for t in original(model, key_mapping, None, add_legacy)
+                if not isinstance(t, WeightConverter) or _targets_present(t, keys)]
+        return hf_quantizer.update_weight_conversions(kept, model) if hf_quantizer is not None else kept
+
+    mu.get_model_conversion_mapping = mapping
+    try:
+        yield
+    finally:
+        mu.get_model_conversion_mapping = original
+
+
+def from_pretrained(ref: str | Path, config: Any, **kwargs: Any) -> nn.Module:
+    """``from_pretrained`` of :func:`prepared_class` on a checkpoint in the prepared layout,
+    safetensors only, never the model's own code; a load error is one line."""
+    architectures.family_of(config)  # an unsupported family is refused by name, before any work
+    try:
+        with _own_layout():
+            return prepared_class(config).from_pretrained(str(ref), config=config, use_safetensors=True,
+                                                          trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SourceError(f"cannot load model '{ref}': {first}") from None
 
 
 def names() -> list[str]:

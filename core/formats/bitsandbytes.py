@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pqflow.errors import SourceError
+from pqflow.formats import from_pretrained
 from pqflow.model_limits import check_config
 from pqflow.models import DTYPES, LoadedModel, load_config, load_tokenizer, weight_bytes
 
@@ -50,17 +51,15 @@ def save(model: nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
 
 def load(folder: Path, meta: dict[str, Any]) -> LoadedModel:
     require_bnb()
-    from transformers import AutoModelForCausalLM
-
     folder = Path(folder)
     name = meta.get("compute_dtype", "float32")
     if name not in DTYPES:
         raise SourceError(f"{folder}: unsupported compute_dtype {name!r} (known: {', '.join(DTYPES)})")
     dtype = DTYPES[name]
     # Sized here, before from_pretrained builds the model.
-    check_config(load_config(folder), where=str(folder), dtype=dtype, weight_bytes=weight_bytes(folder))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cpu", use_safetensors=True,
-                                                 trust_remote_code=False)
+    config = load_config(folder)
+    check_config(config, where=str(folder), dtype=dtype, weight_bytes=weight_bytes(folder))
+    model = from_pretrained(folder, config, dtype=dtype, device_map="cpu")
     restore_dtypes(model, dtype)
     return LoadedModel(model.eval(), load_tokenizer(folder), str(folder))
 

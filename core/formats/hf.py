@@ -1,4 +1,6 @@
-"""``hf``: a plain Hugging Face folder (config.json, safetensors, tokenizer files)."""
+"""``hf``: a plain Hugging Face folder (config.json, safetensors, tokenizer files). The weights are
+those of the prepared model (:func:`pqflow.architectures.prepare`): MoE experts as one linear
+each, which the loader's prepared class reads back."""
 
 from __future__ import annotations
 
@@ -7,11 +9,11 @@ from typing import Any
 
 from torch import nn
 
+from pqflow.formats import from_pretrained
 from pqflow.model_limits import check_config
 from pqflow.models import (
     LoadedModel,
     config_dtype,
-    hf_from_pretrained,
     load_config,
     load_tokenizer,
     require_safetensors,
@@ -32,5 +34,5 @@ def load(folder: Path, meta: dict[str, Any]) -> LoadedModel:
     require_safetensors(folder)
     cfg = load_config(folder)
     check_config(cfg, where=str(folder), dtype=config_dtype(cfg), weight_bytes=weight_bytes(folder))
-    model = hf_from_pretrained(folder, cfg, "auto").eval()
+    model = from_pretrained(folder, cfg, dtype="auto").eval()
     return LoadedModel(model, load_tokenizer(folder), str(folder))

@@ -60,14 +60,15 @@ def attach_adapter(model: nn.Module, adapter_dir: Path, trainable: bool = False)
     from peft import LoraConfig, PeftModel
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
-    from pqflow.quant.lora_layer import register
+    from pqflow.quant.lora_layer import own_layout, register
 
     if not (Path(adapter_dir) / SAFETENSORS_WEIGHTS_NAME).is_file():
         # peft would read a pickled adapter_model.bin instead, or look the path up on the Hub.
         raise SourceError(f"{adapter_dir}: no {SAFETENSORS_WEIGHTS_NAME}; pqflow loads adapters only "
                           f"from safetensors")
     cfg = register(LoraConfig.from_pretrained(str(adapter_dir)))
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=cfg, is_trainable=trainable)
+    with own_layout():  # the adapter names the prepared model's linears (MoE experts included)
+        return PeftModel.from_pretrained(model, str(adapter_dir), config=cfg, is_trainable=trainable)
 
 
 def save_adapter(peft_model: nn.Module, adapter_dir: Path) -> None:

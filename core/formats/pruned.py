@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from pqflow.architectures import decoder_layers, prepare, shape_layer
 from pqflow.formats import hf
 from pqflow.model_limits import check_config
 from pqflow.models import LoadedModel, config_dtype, load_config, load_tokenizer, weight_bytes, weight_files
@@ -28,26 +29,11 @@ def save(model: nn.Module, tokenizer: Any, out: Path) -> dict[str, Any]:
     return hf.save(model, tokenizer, out)
 
 
-def _resize(lin: nn.Linear, d_in: int, d_out: int) -> nn.Linear:
-    return nn.Linear(d_in, d_out, bias=lin.bias is not None, dtype=lin.weight.dtype, device="meta")
-
-
 def shape_layers(model: nn.Module, shapes: list[list[int]]) -> None:
-    """Give each decoder layer its (n_heads, n_kv_heads, intermediate) shape, weights left empty."""
-    layers = getattr(model, "model", model).layers  # Llama-style; load_config admitted the architecture
-    for layer, (nh, nkv, inter) in zip(layers, shapes, strict=True):
-        a, m = layer.self_attn, layer.mlp
-        hd, hidden = a.head_dim, a.q_proj.in_features
-        a.q_proj = _resize(a.q_proj, hidden, nh * hd)
-        a.k_proj = _resize(a.k_proj, hidden, nkv * hd)
-        a.v_proj = _resize(a.v_proj, hidden, nkv * hd)
-        a.o_proj = _resize(a.o_proj, nh * hd, hidden)
-        a.num_key_value_groups = nh // nkv
-        m.gate_proj = _resize(m.gate_proj, hidden, inter)
-        m.up_proj = _resize(m.up_proj, hidden, inter)
-        m.down_proj = _resize(m.down_proj, inter, hidden)
-        if hasattr(m, "intermediate_size"):
-            m.intermediate_size = inter
+    """Give each decoder layer its (n_heads, n_kv_heads, intermediate) shape, weights left empty
+    (the adapter's :func:`~pqflow.architectures.shape_layer`; the model must be prepared)."""
+    for layer, (nh, nkv, inter) in zip(decoder_layers(model), shapes, strict=True):
+        shape_layer(layer, nh, nkv, inter)
 
 
 def load(folder: Path, meta: dict[str, Any]) -> LoadedModel:
@@ -61,6 +47,8 @@ def load(folder: Path, meta: dict[str, Any]) -> LoadedModel:
     dtype = config_dtype(config)
     check_config(config, where=str(folder), dtype=dtype, weight_bytes=weight_bytes(folder))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    # Prepared first (MoE experts as linears, blocks tagged with their family), as pqflow saved it.
+    prepare(model)
     shape_layers(model, shapes)
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(folder, top_level=True):

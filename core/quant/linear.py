@@ -147,6 +147,15 @@ class QuantEmbedding(QuantLinear):
         super().__init__(embedding_dim, num_embeddings, bits, group_size, symmetric, False, scale_dtype)
         self.padding_idx = padding_idx
         self.compute_dtype = torch.float32
+        self.register_buffer("embed_scale", None, persistent=False)
+
+    def scale_like(self, emb: nn.Module) -> QuantEmbedding:
+        """Multiply lookups by ``emb``'s ``embed_scale`` as that embedding does (scaled word
+        embeddings); the factor is rebuilt by the architecture, so it is not saved."""
+        scale = getattr(emb, "embed_scale", None)
+        if isinstance(scale, torch.Tensor):
+            self.embed_scale = scale.detach().clone()
+        return self
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int | None, symmetric: bool = False,
@@ -157,7 +166,7 @@ class QuantEmbedding(QuantLinear):
         scales = scales.to(scale_dtype).float()
         q.set_quantized(quantize_codes(w, scales, zeros, bits, group_size), scales, zeros)
         q.compute_dtype = emb.weight.dtype
-        return q
+        return q.scale_like(emb)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         d = self.in_features
@@ -173,7 +182,8 @@ class QuantEmbedding(QuantLinear):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         uniq, inv = torch.unique(ids, return_inverse=True)
-        return self.rows(uniq, self.compute_dtype)[inv]
+        out = self.rows(uniq, self.compute_dtype)[inv]
+        return out if self.embed_scale is None else out * self.embed_scale.to(self.compute_dtype)
 
 
 class TiedQuantHead(nn.Module):

@@ -9,6 +9,8 @@ refused: folding a float delta into integer codes would re-quantize and lose the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -75,3 +77,31 @@ def lora_config(**kwargs: Any) -> LoraConfig:
 def register(cfg: LoraConfig) -> LoraConfig:
     cfg._register_custom_module({QuantLinear: QuantLoraLinear})
     return cfg
+
+
+@contextmanager
+def own_layout() -> Iterator[None]:
+    """Inside: peft targets and loads adapters by the model's own module names.
+
+    With transformers 5, peft rewrites the LoRA targets (and the adapter's keys on load) of MoE
+    model types for transformers' fused 3D expert tensors: a target ``down_proj`` becomes the
+    parameter ``experts.down_proj``. pqflow's prepared models keep one linear per expert
+    (:func:`pqflow.architectures.prepare`), which peft adapts like any other linear, so the
+    rewrite would drop exactly those targets. For other model types the rewrite does nothing."""
+    from peft.utils import transformers_weight_conversion as conv
+
+    saved = conv.convert_peft_config_for_transformers, conv.convert_peft_adapter_state_dict_for_transformers
+
+    def keep_config(peft_config: Any, model: Any, conversions: Any = None) -> None:
+        del peft_config, model, conversions
+
+    def keep_state(model: Any, peft_config: Any, adapter_state_dict: dict, adapter_name: str = "default") -> dict:
+        del model, peft_config, adapter_name
+        return adapter_state_dict
+
+    conv.convert_peft_config_for_transformers = keep_config
+    conv.convert_peft_adapter_state_dict_for_transformers = keep_state
+    try:
+        yield
+    finally:
+        conv.convert_peft_config_for_transformers, conv.convert_peft_adapter_state_dict_for_transformers = saved

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pqflow import architectures
 from pqflow.errors import SourceError
 from pqflow.model_limits import MAX_DIM, check_config, valid_dim
 from pqflow.models import DTYPES, LoadedModel, load_config, load_tokenizer, weight_bytes
@@ -84,8 +85,9 @@ def quantize_embeddings(model: nn.Module, embed_bits: int | None, head_bits: int
         set_module(model, emb_name, qemb)
         info["embedding"] = {"name": emb_name, "bits": bits}
         if tied:
-            set_module(model, _name_of(model, head), TiedQuantHead(qemb))
-            info["lm_head"] = {"name": "lm_head", "tied": True, "bits": bits}
+            head_name = _name_of(model, head)
+            set_module(model, head_name, TiedQuantHead(qemb))
+            info["lm_head"] = {"name": head_name, "tied": True, "bits": bits}
     if not tied and head_bits is not None and isinstance(head, nn.Linear):
         name = _name_of(model, head)
         set_module(model, name, QuantLinear.from_linear(head, head_bits, group_size, symmetric))
@@ -184,8 +186,9 @@ def build_skeleton(folder: Path, cfg: dict[str, Any]) -> nn.Module:
     check_sizes(folder, cfg, hf_cfg)
     compute = _dtype(folder, cfg["compute_dtype"])
     # Built on the CPU (not meta) so that non-persistent buffers such as rotary frequencies are
-    # computed by the architecture's own code; the random init is overwritten on load.
-    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=compute, trust_remote_code=False)
+    # computed by the architecture's own code; the random init is overwritten on load. Prepared
+    # before anything is reshaped: the artifact names MoE experts as prepare lays them out.
+    model = architectures.prepare(AutoModelForCausalLM.from_config(hf_cfg, dtype=compute, trust_remote_code=False))
     for name, (out_f, in_f, bias) in cfg["linear_shapes"].items():
         cur = model.get_submodule(name)
         if (cur.out_features, cur.in_features, cur.bias is not None) != (out_f, in_f, bias):
@@ -197,12 +200,16 @@ def build_skeleton(folder: Path, cfg: dict[str, Any]) -> nn.Module:
             mod: QuantLinear = QuantEmbedding(spec["out_features"], spec["in_features"], spec["bits"],
                                               spec["group_size"], spec["symmetric"], sdt, spec.get("padding_idx"))
             mod.compute_dtype = compute
+            mod.scale_like(model.get_submodule(name))
         else:
             mod = QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
                               spec["symmetric"], spec["bias"], sdt)
         set_module(model, name, mod)
     for name in cfg["tied_heads"]:
         set_module(model, name, TiedQuantHead(model.get_input_embeddings()))
+    # Reshaped (pruned) linears: the attention modules must compute with their new head counts.
+    for layer in architectures.decoder_layers(model):
+        architectures.sync_attention(layer)
     return model
 
 

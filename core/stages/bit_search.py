@@ -72,7 +72,7 @@ def build_space(recipe: Recipe, model: torch.nn.Module) -> SearchSpace:
     cfg = recipe.stages.bit_search
     target = TARGETS[cfg.target]
     choices, _ = target.allowed([parse_choice(c) for c in cfg.choices], cfg.symmetric)
-    return SearchSpace.build(model, cfg.granularity, choices, cfg.symmetric, tie=target.tie_key)
+    return SearchSpace.build(model, cfg.granularity, choices, cfg.symmetric, tie=target.tie(model))
 
 
 def target_info(recipe: Recipe, space: SearchSpace) -> dict[str, Any]:

@@ -1,28 +1,101 @@
-"""Stage ``evaluate``: WikiText-2 (or any text) test perplexity, bytes on disk, memory and speed."""
+"""Stage ``evaluate``: WikiText-2 (or any text) test perplexity, bytes on disk, memory and speed.
+
+Without a ``model`` input the stage measures the recipe's source model: the uncompressed baseline.
+Its metrics depend only on the source model, the test text and the protocol, so they are kept in
+the pqflow cache under a digest of those three and reused (the log says so) while none changed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pqflow.artifacts import Artifact
+from pqflow import __version__
+from pqflow.artifacts import Artifact, canonical_digest
 from pqflow.data import eval_windows, load_text, tokenize
-from pqflow.models import cast_float, param_count, save_model, weight_bytes
+from pqflow.models import cache_dir, cast_float, param_count, save_model, source_digest, weight_bytes
 from pqflow.perplexity import perplexity
 from pqflow.recipe import Recipe
 from pqflow.runtime import peak_rss_mb
 from pqflow.stages.common import input_model, write_json
 
 METRICS_FILE = "metrics.json"
+BASELINE_CACHE = "baselines"
+PROTOCOL = 1  # bump when what the stage measures, or how, changes
+
+
+def baseline_key(recipe: Recipe, text: str) -> str | None:
+    """Digest of what the baseline's metrics depend on: the source model (weights, config,
+    tokenizer, dtype), the test text and the protocol; None when the source has no digest."""
+    cfg = recipe.stages.evaluate
+    source = source_digest(recipe.model.source, recipe.model.dtype)
+    if source is None:
+        return None
+    from importlib import metadata
+
+    return canonical_digest({
+        "source": source,
+        "data": hashlib.sha256(text.encode()).hexdigest(),
+        "protocol": {"version": PROTOCOL, "split": "test", "data": cfg.data.model_dump(mode="json"),
+                     "seqlen": cfg.seqlen, "max_windows": cfg.max_windows, "batch_size": cfg.batch_size},
+        "versions": {"pqflow": __version__, "torch": torch.__version__, "transformers": metadata.version("transformers")},
+    })
+
+
+def _baseline_file(key: str) -> Path:
+    return cache_dir(BASELINE_CACHE) / f"{key}.json"
+
+
+def cached_baseline(key: str) -> dict[str, Any] | None:
+    """The metrics stored under ``key``, or None when absent or unreadable (never trusted blindly:
+    the record names its key and carries the digest of its metrics)."""
+    path = _baseline_file(key)
+    try:
+        rec = json.loads(path.read_text())
+        metrics = rec["metrics"]
+        ok = (rec.get("key") == key and rec.get("digest") == canonical_digest(metrics)
+              and isinstance(metrics.get("ppl"), float) and math.isfinite(metrics["ppl"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return metrics if ok else None
+
+
+def store_baseline(key: str, metrics: dict[str, Any]) -> None:
+    """Write the record atomically (a temporary file renamed into place); a cache that cannot be
+    written only costs the next run a measurement."""
+    path = _baseline_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{key}.", delete=False) as f:
+            json.dump({"key": key, "digest": canonical_digest(metrics), "metrics": metrics}, f, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError as e:
+        print(f"[pqflow] evaluate: could not cache the baseline ({e})", file=sys.stderr)
 
 
 def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     cfg = recipe.stages.evaluate
+    text = load_text(cfg.data.source, "test", cfg.data.field)
+    key = None
+    if "model" not in inputs:
+        key = baseline_key(recipe, text)
+        cached = cached_baseline(key) if key else None
+        if cached is not None:
+            print(f"[pqflow] evaluate: baseline reused (source model, data and protocol unchanged; "
+                  f"{_baseline_file(key)}): ppl {cached['ppl']:.3f}", file=sys.stderr)
+            metrics = {**cached, "reused": True}
+            write_json(out / METRICS_FILE, metrics)
+            return _summary(metrics)
     loaded = input_model(recipe, inputs)
-    ids = tokenize(loaded.tokenizer, load_text(cfg.data.source, "test", cfg.data.field))
+    ids = tokenize(loaded.tokenizer, text)
     windows = eval_windows(ids, cfg.seqlen, cfg.max_windows)
     res = perplexity(loaded.model, windows, cfg.batch_size)
     if "model" in inputs:
@@ -53,8 +126,14 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
         "model": model_uri,
     }
     write_json(out / METRICS_FILE, metrics)
+    if key is not None:
+        store_baseline(key, metrics)
     print(
         f"[pqflow] evaluate: ppl {res.ppl:.3f} on {res.windows} x {cfg.seqlen} tokens of {cfg.data.source}; "
         f"model {model_bytes / 2**20:.1f} MiB on disk; {res.tokens_per_s:.0f} tok/s; peak RSS {metrics['peak_rss_mb']:.0f} MiB"
     )
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    return _summary(metrics)
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}

@@ -28,6 +28,9 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
     params = recipe.method_params("prune")
     loaded = input_model(recipe, inputs)
     model = loaded.model
+    method = REGISTRY.module(cfg.method)
+    # Before any scoring: a family that refuses a cut these params ask for fails here, clearly.
+    method.check(model, params)
     calib = open_calibration(inputs["calib"])
     t0 = time.perf_counter()
     if "importance" in inputs:
@@ -39,7 +42,7 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
     base = non_embedding_params(model)
     params_before = param_count(model)
     target = int(cfg.ratio * base)
-    plan = REGISTRY.module(cfg.method).plan(geos, scores, target, params)
+    plan = method.plan(geos, scores, target, params)
     plan_json = plan.to_json(geos)
     original = copy.deepcopy(model) if params.correction != "none" else None
     uniform = apply_plan(model, plan)

@@ -19,14 +19,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pqflow import architectures
 from pqflow.methods.bitsearch.space import KEEP_BITS, Choice, SearchSpace, layer_of
-from pqflow.methods.quant.blocks import capture_inputs, decoder_layers
 from pqflow.quant.grid import dequantize_codes, minmax_params, quantize_codes
+
+# Keyword arguments of a block call that are no input of its computation (the KV cache and its
+# switch): blocks run stateless here.
+_STATE_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
 
 
 @dataclass
@@ -80,6 +85,52 @@ def rtn_weight(name: str, w: torch.Tensor, choice: Choice, symmetric: bool) -> Q
     return grid_weight(w, choice, symmetric)
 
 
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class BlockCalls:
+    """The input of the first block and the keyword arguments each block is called with (its
+    mask and rotary embedding: they differ between sliding and global layers)."""
+
+    hidden: torch.Tensor
+    kwargs: list[dict[str, Any]]
+
+
+def _detached(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    if isinstance(v, tuple):
+        return tuple(_detached(x) for x in v)
+    return v
+
+
+@torch.no_grad()
+def capture_block_calls(model: nn.Module, windows: torch.Tensor) -> BlockCalls:
+    """One forward of all ``windows`` as one batch, stopped when the last block is called."""
+    layers = architectures.decoder_layers(model)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def grab(_mod: nn.Module, args: tuple, kw: dict) -> None:
+        if not hidden:
+            hidden.append(args[0] if args else kw["hidden_states"])
+        kwargs.append({k: _detached(v) for k, v in kw.items() if k != "hidden_states" and k not in _STATE_KWARGS})
+        if len(kwargs) == len(layers):
+            raise _Stop
+
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+    try:
+        model(input_ids=windows, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return BlockCalls(hidden[0], kwargs)
+
+
 @dataclass
 class Measure:
     objective: float
@@ -127,7 +178,7 @@ class Evaluator:
         self.linears = {n: model.get_submodule(n) for n in space.modules}
         self.fp = {n: m.weight.data for n, m in self.linears.items()}
         self.cache = WeightCache(self.fp, space.symmetric, weight_fn, cache_mb * 2**20)
-        self.layers = decoder_layers(model)
+        self.blocks = architectures.decoder_layers(model)
         prefix = {layer_of(n) for n in space.modules}
         self.layer_names = [f"{p}" for p in sorted(prefix, key=lambda s: int(s.rsplit(".", 1)[1]))]
         self.layer_modules = [[n for n in space.modules if layer_of(n) == p] for p in self.layer_names]
@@ -135,7 +186,7 @@ class Evaluator:
         self._traj: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
         self._current: dict[str, Choice | None] = dict.fromkeys(space.modules)
         with torch.no_grad():
-            self.inputs = capture_inputs(model, windows, batch_size=len(windows))
+            self.inputs = capture_block_calls(model, windows)
             self.ref_logp: torch.Tensor | None = None
             self._fp_key = self._key({})
             hidden = self._run_layers(self.inputs.hidden, 0)
@@ -152,16 +203,14 @@ class Evaluator:
     def _run_layers(self, h: torch.Tensor, start: int) -> list[torch.Tensor]:
         """Hidden states entering blocks ``start..L`` (last = final block output)."""
         out = [h]
-        for layer in self.layers[start:]:
-            y = layer(h, **self.inputs.kwargs)
+        for i in range(start, len(self.blocks)):
+            y = self.blocks[i](h, **self.inputs.kwargs[i])
             h = y[0] if isinstance(y, tuple) else y
             out.append(h)
         return out
 
     def _logits(self, h: torch.Tensor) -> list[torch.Tensor]:
-        inner = self.model.model
-        head = self.model.get_output_embeddings()
-        return [head(inner.norm(h[i : i + 1]))[0, :-1].float() for i in range(len(h))]
+        return [architectures.output_logits(self.model, h[i : i + 1])[0, :-1].float() for i in range(len(h))]
 
     def _nll(self, logits: list[torch.Tensor]) -> float:
         tot = sum(F.cross_entropy(lg, w[1:], reduction="sum").item() for lg, w in zip(logits, self.windows, strict=True))

@@ -10,7 +10,8 @@ budget, of a re-weighted damage table::
 
     damage'[u, c] = w[layer(u)] ** alpha * exp(beta[kind(u)] + gamma * depth(u)) * err[u, c] ** eta
 
-``w`` is the prior's layer weight, ``kind`` is the linear's name (``q_proj`` … ``down_proj``),
+``w`` is the prior's layer weight, ``kind`` is the linear's own name (the last component of its
+module name: one kind per projection of the attention and of the MLP),
 ``depth`` runs from -0.5 (first layer) to 0.5 (last), and ``err`` is the rounding-error table
 of the trials' fake quantizer. The prior is the point alpha = eta = 1, beta = gamma = 0, and is
 measured first. There are about ten dimensions, so a Gaussian-process Bayesian optimiser (BO,
@@ -56,9 +57,9 @@ class Params(BaseModel):
 
 
 def kinds(space: SearchSpace) -> tuple[list[str], np.ndarray]:
-    """The linear kinds present (last name component; ``q_proj+k_proj+v_proj`` for linears a target
-    ties) and each unit's kind index; a decoder-layer unit (granularity ``layer``) has the single
-    kind ``layer``."""
+    """The linear kinds present (last name component; the names joined by ``+`` for linears a
+    target ties, e.g. the attention's fused inputs) and each unit's kind index; a decoder-layer
+    unit (granularity ``layer``) has the single kind ``layer``."""
     names = ["layer" if space.granularity == "layer" else "+".join(m.rsplit(".", 1)[1] for m in mods)
              for mods in space.unit_modules]
     uniq = list(dict.fromkeys(names))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
-from pqflow.methods.bitsearch.space import Allocation, SearchSpace
+from pqflow.methods.bitsearch.space import Allocation, SearchSpace, layer_of
 from pqflow.methods.bitsearch.trials import Trial
 
 
@@ -40,20 +41,29 @@ def pareto_plot(trials: list[Trial], front: list[Trial], best: Trial, budget: in
     plt.close(fig)
 
 
+def _kind(module: str) -> str:
+    """A linear's column: its path inside the block, expert indices written as ``*``."""
+    local = module[len(layer_of(module)) + 1:]
+    return re.sub(r"(^|\.)\d+(?=\.)", r"\1*", local)
+
+
 def bits_heatmap(space: SearchSpace, alloc: Allocation, layer_names: list[str], layer_scores: np.ndarray | None,
                  score_label: str, path: Path) -> None:
     """Bits per (layer, linear) with group sizes written in the cells, and the prior's layer
     scores beside it."""
     plt = _plt()
     per_module = space.module_choices(alloc)
-    kinds = list(dict.fromkeys(m.rsplit(".", 1)[1] for m in space.modules))
+    kinds = list(dict.fromkeys(_kind(m) for m in space.modules))
     grid = np.full((len(layer_names), len(kinds)), np.nan)
     text = [["" for _ in kinds] for _ in layer_names]
+    cells: dict[tuple[int, int], list] = {}
     for m, c in per_module.items():
-        layer, kind = m.rsplit(".", 1)[0], m.rsplit(".", 1)[1]
-        li = next(i for i, p in enumerate(layer_names) if layer.startswith(p + ".") or layer == p)
-        grid[li, kinds.index(kind)] = c.bits
-        text[li][kinds.index(kind)] = c.label
+        cells.setdefault((layer_names.index(layer_of(m)), kinds.index(_kind(m))), []).append(c)
+    for (li, ki), cs in cells.items():
+        # MoE experts share a column: the mean of their bits, the label when they agree.
+        grid[li, ki] = float(np.mean([c.bits for c in cs]))
+        labels = {c.label for c in cs}
+        text[li][ki] = labels.pop() if len(labels) == 1 else f"~{grid[li, ki]:.1f}"
     h = max(3.0, 0.22 * len(layer_names) + 1.2)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, h), gridspec_kw={"width_ratios": [3, 1]}, sharey=True)
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=2, vmax=max(8, np.nanmax(grid)))

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pqflow import architectures
 from pqflow.calibration import Calibration
 from pqflow.methods.bitsearch.evaluator import Evaluator, WeightCache
 from pqflow.methods.bitsearch.space import Choice, SearchSpace, layer_of
-from pqflow.methods.quant.blocks import decoder_layers
 
 PRIORS = ("mi", "importance", "sensitivity", "error")
 
@@ -95,14 +95,14 @@ def damage_table(space: SearchSpace, err_unit: np.ndarray, layer_w: np.ndarray) 
 def layer_outputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
                   progress: bool = True) -> list[torch.Tensor]:
     """Every decoder layer's output hidden states, ``[tokens, hidden]`` each."""
-    layers = decoder_layers(model)
+    layers = architectures.decoder_layers(model)
     outs: list[list[torch.Tensor]] = [[] for _ in layers]
     hooks = [layer.register_forward_hook(
         lambda _m, _a, y, i=i: outs[i].append((y[0] if isinstance(y, tuple) else y).reshape(-1, y_dim(y)).float()))
         for i, layer in enumerate(layers)]
     try:
         for i in tqdm(range(0, len(windows), batch_size), desc="hidden states", disable=not progress):
-            model.model(input_ids=windows[i : i + batch_size], use_cache=False)
+            architectures.backbone(model)(input_ids=windows[i : i + batch_size], use_cache=False)
     finally:
         for h in hooks:
             h.remove()

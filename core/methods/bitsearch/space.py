@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pqflow import architectures
 from pqflow.calibration import decoder_linears
 from pqflow.errors import RecipeError
 from pqflow.quant import packed_bytes
@@ -29,7 +30,6 @@ KEEP_BITS = 16  # the allocation value that leaves a module in floating point (s
 FLOAT_BYTES = 2
 Allocation = tuple[int, ...]
 _CHOICE = re.compile(r"^(?P<bits>\d+)(?:g(?P<group>\d+)|(?P<pc>pc))?$")
-_LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,11 @@ def module_bytes(out_features: int, in_features: int, choice: Choice, symmetric:
 
 
 def layer_of(module: str) -> str:
-    m = _LAYER.match(module)
-    if not m:
+    """The decoder block (its module name) that ``module`` lies in."""
+    block = architectures.block_of(module)
+    if block is None:
         raise ValueError(f"{module} is not inside a decoder layer")
-    return m.group(1)
+    return block
 
 
 @dataclass
@@ -101,7 +102,7 @@ class SearchSpace:
     def build(cls, model: nn.Module, granularity: str, choices: Sequence[Choice], symmetric: bool = False,
               tie: Callable[[str], str] | None = None) -> SearchSpace:
         """``tie``: module name -> unit name, for linears that must share a scheme (an engine's
-        fused q/k/v, gate/up) when the granularity is ``linear``."""
+        fused attention inputs, MLP gate and up, MoE experts) when the granularity is ``linear``."""
         linears = decoder_linears(model)
         if not linears:
             raise ValueError("the model has no decoder linears to allocate bits to")

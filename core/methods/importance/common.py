@@ -1,12 +1,15 @@
-"""Scores shared by the importance methods, the geometry of Llama-style decoder layers, and the
-forward passes the activation-based methods need.
+"""Scores shared by the importance methods, and the forward passes the activation-based methods
+need. Where a block keeps its parts and its sizes come from :mod:`pqflow.architectures`; the names
+``LayerGeometry``, ``layer_geometry``, ``geometries`` and ``decoder_layers`` are re-exported here
+for the modules that import them from this one.
 
 A score is "higher = more important". Every method fills ``layer`` (one score per decoder layer)
 and, where it has a notion of them, the finer structures:
 
 - ``head[l]``: one score per query head of layer ``l``;
 - ``kv_group[l]``: one score per GQA group (a KV head together with the query heads reading it);
-- ``channel[l]``: one score per MLP channel (a row of gate/up and a column of down).
+- ``channel[l]``: one score per MLP channel (a row of gate/up and a column of down). None for a
+  model with MoE blocks: their channels belong to experts, and no method prunes those yet.
 
 Lists, not stacked tensors, so an already pruned model with uneven layers can be scored too.
 """
@@ -23,61 +26,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from pqflow import architectures as arch
+from pqflow.architectures import LayerGeometry, decoder_layers, geometries
+from pqflow.architectures import geometry as layer_geometry
+
+__all__ = ["LayerGeometry", "Scores", "block_influence", "decoder_layers", "geometries", "has_dense_mlp",
+           "layer_geometry", "non_embedding_params", "pick_windows"]
+
 SCORES_FILE = "scores.safetensors"
 
 
-@dataclass
-class LayerGeometry:
-    """Sizes of one decoder layer, read from its modules (not the config: layers may differ)."""
-
-    hidden: int
-    head_dim: int
-    n_heads: int
-    n_kv: int
-    inter: int
-
-    @property
-    def group(self) -> int:
-        return self.n_heads // self.n_kv
-
-    @property
-    def attn_params(self) -> int:
-        return 2 * self.hidden * self.head_dim * (self.n_heads + self.n_kv)
-
-    @property
-    def mlp_params(self) -> int:
-        return 3 * self.hidden * self.inter
-
-    @property
-    def params(self) -> int:
-        return self.attn_params + self.mlp_params + 2 * self.hidden  # two RMSNorm weights
-
-    def head_of(self, kv: int) -> range:
-        return range(kv * self.group, (kv + 1) * self.group)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__}: expected a Llama-style model with model.layers")
-    return layers
-
-
-def layer_geometry(layer: nn.Module) -> LayerGeometry:
-    attn, mlp = layer.self_attn, layer.mlp
-    hd = attn.head_dim
-    return LayerGeometry(
-        hidden=attn.q_proj.in_features,
-        head_dim=hd,
-        n_heads=attn.q_proj.out_features // hd,
-        n_kv=attn.k_proj.out_features // hd,
-        inter=mlp.gate_proj.out_features,
-    )
-
-
-def geometries(model: nn.Module) -> list[LayerGeometry]:
-    return [layer_geometry(layer) for layer in decoder_layers(model)]
+def has_dense_mlp(layer: nn.Module) -> bool:
+    """Whether the block's MLP is one gate/up/down (its channels can be scored), not MoE experts."""
+    return "down" in arch.projections(layer)
 
 
 def non_embedding_params(model: nn.Module) -> int:
@@ -99,11 +60,12 @@ class Scores:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.layer = self.layer.detach().float()
+        # Small per-layer vectors: kept on the CPU whichever device computed them.
+        self.layer = self.layer.detach().float().cpu()
         for kind in ("head", "kv_group", "channel"):
             per = getattr(self, kind)
             if per is not None:
-                setattr(self, kind, [t.detach().float() for t in per])
+                setattr(self, kind, [t.detach().float().cpu() for t in per])
 
     def granularities(self) -> list[str]:
         return ["layer"] + [k for k in ("head", "kv_group", "channel") if getattr(self, k) is not None]
@@ -172,8 +134,9 @@ def _hidden(out: Any) -> torch.Tensor:
 def block_influence(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
                     grams: bool = False, progress: bool = True) -> tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]]:
     """Per-layer ``1 - cos(input, output)`` averaged over tokens (ShortGPT's block influence,
-    COMP's coarse metric) and, when ``grams``, each layer's ``XᵀX / n`` at the inputs of o_proj and
-    down_proj (the activations whose columns width pruning removes)."""
+    COMP's coarse metric) and, when ``grams``, each layer's ``XᵀX / n`` at the inputs of the
+    attention's output projection (key ``"o"``) and of the MLP's down projection (``"down"``, absent
+    for an MoE block): the activations whose columns width pruning removes."""
     layers = decoder_layers(model)
     bi = torch.zeros(len(layers), dtype=torch.float64)
     gram: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(len(layers))}
@@ -185,7 +148,7 @@ def block_influence(model: nn.Module, windows: torch.Tensor, batch_size: int = 4
             x = args[0] if args else kwargs["hidden_states"]
             y = _hidden(out)
             cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            bi[i] += (1 - cos).sum().double()
+            bi[i] += (1 - cos).sum().double().cpu()  # per-layer scalars live on the CPU
 
         return fn
 
@@ -200,11 +163,12 @@ def block_influence(model: nn.Module, windows: torch.Tensor, batch_size: int = 4
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
         if grams:
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(gram_hook(i, "o_proj")))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(gram_hook(i, "down_proj")))
+            handles.append(arch.o_input_hook(layer).register_forward_pre_hook(gram_hook(i, "o")))
+            if has_dense_mlp(layer):
+                handles.append(arch.down_input_hook(layer).register_forward_pre_hook(gram_hook(i, "down")))
     try:
         for b in batches(windows, batch_size, "block influence", progress):
-            model.model(input_ids=b, use_cache=False)
+            arch.backbone(model)(input_ids=b, use_cache=False)
             n_tokens += b.numel()
     finally:
         for h in handles:

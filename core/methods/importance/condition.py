@@ -2,7 +2,8 @@
 influence for layers, from one pass over the calibration windows.
 
 Let ``G = XᵀX / n`` be the Gram matrix of the activations a width cut removes columns from (the
-inputs of down_proj for MLP channels, of o_proj for heads). How much neuron ``j`` matters depends on
+inputs of the MLP's down projection for MLP channels, of the attention's output projection for
+heads). How much neuron ``j`` matters depends on
 how well-conditioned ``G`` stays without it: ``1 / (G⁻¹)_jj`` is the variance of neuron ``j``'s
 activation left after projecting it on all the other neurons, i.e. the Schur complement of ``G``
 at ``j``. A neuron that is nearly a combination of others (the direction that makes ``G``
@@ -13,6 +14,8 @@ left after that best re-fit of the remaining neurons,
 
 and for a head (a block ``B`` of columns) ``tr(W_B ((G⁻¹)_BB)⁻¹ W_Bᵀ)``. ``damping`` regularises
 ``G`` (a fraction of its mean diagonal), which bounds its condition number.
+
+MoE blocks get layer and head scores; their channels (inside experts) are not scored.
 """
 
 from __future__ import annotations
@@ -21,14 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from pqflow import architectures as arch
 from pqflow.calibration import Calibration
-from pqflow.methods.importance.common import (
-    Scores,
-    block_influence,
-    decoder_layers,
-    layer_geometry,
-    pick_windows,
-)
+from pqflow.methods.importance.common import Scores, block_influence, decoder_layers, pick_windows
 from pqflow.recipe import MAX_BATCH, MAX_WINDOWS
 
 
@@ -41,7 +39,7 @@ class Params(BaseModel):
 
 def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
     g = gram.double()
-    g = g + damping * g.diagonal().mean() * torch.eye(len(g), dtype=g.dtype)
+    g = g + damping * g.diagonal().mean() * torch.eye(len(g), dtype=g.dtype, device=g.device)
     return torch.cholesky_inverse(torch.linalg.cholesky(g))
 
 
@@ -71,16 +69,20 @@ def score(model: nn.Module, calib: Calibration, params: Params, progress: bool =
     bi, grams = block_influence(model, windows, params.batch_size, grams=True, progress=progress)
     heads, kvs, chans, conds = [], [], [], []
     for i, layer in enumerate(decoder_layers(model)):
-        geo = layer_geometry(layer)
-        g_mlp = grams[i]["down_proj"]
-        chans.append(column_scores(layer.mlp.down_proj.weight.data, damped_inverse(g_mlp, params.damping)).float())
-        conds.append(condition_number(g_mlp))
-        ginv_o = damped_inverse(grams[i]["o_proj"], params.damping)
+        geo = arch.geometry(layer)
+        proj = arch.projections(layer)
+        g_mlp = grams[i].get("down")
+        if g_mlp is not None:
+            chans.append(column_scores(proj["down"].weight.data, damped_inverse(g_mlp, params.damping)).float())
+            conds.append(condition_number(g_mlp))
+        ginv_o = damped_inverse(grams[i]["o"], params.damping)
         hd = geo.head_dim
         head_blocks = [list(range(h * hd, (h + 1) * hd)) for h in range(geo.n_heads)]
         group_blocks = [sum((head_blocks[h] for h in geo.head_of(k)), []) for k in range(geo.n_kv)]
-        wo = layer.self_attn.o_proj.weight.data
+        wo = proj["o"].weight.data
         heads.append(block_scores(wo, ginv_o, head_blocks).float())
         kvs.append(block_scores(wo, ginv_o, group_blocks).float())
-    return Scores("condition", layer=bi, head=heads, kv_group=kvs, channel=chans,
+    # Channel scores for every layer or none (an MoE block has no dense MLP to score).
+    channel = chans if len(chans) == len(heads) else None
+    return Scores("condition", layer=bi, head=heads, kv_group=kvs, channel=channel,
                   info={"windows": len(windows), "mlp_condition_number": conds})

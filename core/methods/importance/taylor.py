@@ -2,10 +2,15 @@
 
 One backward pass of the calibration loss gives ``∂L/∂W``. The loss change when a group of weights
 is zeroed is estimated per weight (element-wise, ``|w · ∂L/∂w|``) or per group (vector-wise,
-``|Σ w · ∂L/∂w|``). A group couples the slices that must go together: a query head is q_proj's
-rows and o_proj's columns of that head; a GQA group adds its KV head's k_proj and v_proj rows; an
-MLP channel is a row of gate_proj, a row of up_proj and a column of down_proj. The per-slice values
-are combined across the coupled slices with ``aggregation`` (sum, mean or max).
+``|Σ w · ∂L/∂w|``). A group couples the slices that must go together: a query head is the q
+projection's rows and the output projection's columns of that head; a GQA group adds its KV head's
+k and v rows; an MLP channel is a row of gate, a row of up and a column of down. The per-slice
+values are combined across the coupled slices with ``aggregation`` (sum, mean or max).
+
+Roles come from :func:`pqflow.architectures.projections`, so fused projections (a row slice of one
+linear) are scored like separate ones. An MoE block gets a layer score (its experts' weights
+included; an expert no calibration token reached has no gradient and counts zero) and head scores;
+its channels, inside experts, are not scored.
 """
 
 from __future__ import annotations
@@ -16,13 +21,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from pqflow import architectures as arch
 from pqflow.calibration import Calibration
 from pqflow.methods.importance.common import (
     LayerGeometry,
     Scores,
     batches,
     decoder_layers,
-    layer_geometry,
     pick_windows,
 )
 from pqflow.recipe import MAX_BATCH, MAX_WINDOWS
@@ -55,35 +60,44 @@ def _group_rows(v: torch.Tensor, size: int) -> torch.Tensor:
     return v.view(-1, size).sum(1)
 
 
-@torch.no_grad()
-def layer_scores(layer: nn.Module, geo: LayerGeometry, p: Params) -> dict[str, torch.Tensor]:
-    a, m = layer.self_attn, layer.mlp
+def _grad(w: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    return torch.zeros_like(w) if g is None else g
 
-    def s(lin: nn.Linear, dim: int) -> torch.Tensor:
-        return _slice_scores(lin.weight, lin.weight.grad, dim, p.variant)
+
+@torch.no_grad()
+def layer_scores(layer: nn.Module, geo: LayerGeometry, p: Params) -> dict[str, torch.Tensor | None]:
+    proj = arch.projections(layer)
+
+    def s(role: str, dim: int) -> torch.Tensor:
+        pr = proj[role]
+        return _slice_scores(pr.weight, pr.grad, dim, p.variant)
 
     hd = geo.head_dim
     if p.variant == "element":
-        q, o = _group_rows(s(a.q_proj, 1), hd), _group_rows(s(a.o_proj, 0), hd)
-        k, v = _group_rows(s(a.k_proj, 1), hd), _group_rows(s(a.v_proj, 1), hd)
+        q, o = _group_rows(s("q", 1), hd), _group_rows(s("o", 0), hd)
+        k, v = _group_rows(s("k", 1), hd), _group_rows(s("v", 1), hd)
     else:
         # Vector-wise: one signed sum per whole slice (all of a head's rows), then |.|.
-        def vs(lin: nn.Linear, dim: int) -> torch.Tensor:
-            prod = (lin.weight.double() * lin.weight.grad.double()).sum(dim)
+        def vs(role: str, dim: int) -> torch.Tensor:
+            pr = proj[role]
+            prod = (pr.weight.double() * pr.grad.double()).sum(dim)
             return prod.view(-1, hd).sum(1).abs()
 
-        q, o, k, v = vs(a.q_proj, 1), vs(a.o_proj, 0), vs(a.k_proj, 1), vs(a.v_proj, 1)
+        q, o, k, v = vs("q", 1), vs("o", 0), vs("k", 1), vs("v", 1)
     head = _agg(torch.stack([q, o], -1), p.aggregation)
     members = torch.cat([
         q.view(geo.n_kv, geo.group), o.view(geo.n_kv, geo.group), k[:, None], v[:, None],
     ], dim=1)
     kv = _agg(members, p.aggregation)
-    ch = _agg(torch.stack([s(m.gate_proj, 1), s(m.up_proj, 1), s(m.down_proj, 0)], -1), p.aggregation)
-    # Layer: the Taylor estimate of zeroing all of the layer's linears at once.
-    prods = [lin.weight.double() * lin.weight.grad.double()
-             for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)]
+    ch = None
+    if "down" in proj:
+        ch = _agg(torch.stack([s("gate", 1), s("up", 1), s("down", 0)], -1), p.aggregation).float()
+    # Layer: the Taylor estimate of zeroing all of the layer's linears (MoE: every expert's) at once.
+    weights = [(proj[r].weight, proj[r].grad) for r in arch.ROLES if r in proj]
+    weights += [(lin.weight, lin.weight.grad) for ex in arch.experts(layer) for _path, lin in ex.values()]
+    prods = [w.double() * _grad(w, g).double() for w, g in weights]
     lay = sum(x.abs().sum() for x in prods) if p.variant == "element" else abs(sum(x.sum() for x in prods))
-    return {"head": head.float(), "kv_group": kv.float(), "channel": ch.float(), "layer": torch.as_tensor(lay).float()}
+    return {"head": head.float(), "kv_group": kv.float(), "channel": ch, "layer": torch.as_tensor(lay).float()}
 
 
 def score(model: nn.Module, calib: Calibration, params: Params, progress: bool = True) -> Scores:
@@ -105,7 +119,7 @@ def score(model: nn.Module, calib: Calibration, params: Params, progress: bool =
                 out = model(input_ids=b, labels=b, use_cache=False)
                 # Weighted so the accumulated gradient is that of the mean loss over all windows.
                 (out.loss * (len(b) / len(windows))).backward()
-        per_layer = [layer_scores(layer, layer_geometry(layer), params) for layer in layers]
+        per_layer = [layer_scores(layer, arch.geometry(layer), params) for layer in layers]
     finally:
         for p in model.parameters():
             p.requires_grad_(saved[id(p)])
@@ -116,6 +130,7 @@ def score(model: nn.Module, calib: Calibration, params: Params, progress: bool =
         layer=torch.stack([d["layer"] for d in per_layer]),
         head=[d["head"] for d in per_layer],
         kv_group=[d["kv_group"] for d in per_layer],
-        channel=[d["channel"] for d in per_layer],
+        # Channel scores for every layer or none (an MoE block has no dense MLP to score).
+        channel=None if any(d["channel"] is None for d in per_layer) else [d["channel"] for d in per_layer],
         info={"windows": len(windows), "variant": params.variant, "aggregation": params.aggregation},
     )

@@ -1,12 +1,18 @@
-"""Parameters every prune method shares: the post-pruning correction and its calibration data."""
+"""Parameters every prune method shares (the post-pruning correction and its calibration data),
+and the check that a model's family allows what a method's parameters ask for."""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pqflow.architectures import CHANNEL_PRUNING, HEAD_PRUNING, UnsupportedArchitecture, refusal
 from pqflow.recipe import MAX_BATCH, MAX_LAYERS, MAX_WINDOWS
+
+# What a recipe can change to avoid a refused capability.
+_WAY_OUT = {HEAD_PRUNING: "set head_mode: none", CHANNEL_PRUNING: "set channels: false"}
 
 
 class CommonParams(BaseModel):
@@ -30,3 +36,13 @@ class CommonParams(BaseModel):
 
 def prunable_layers(n_layers: int, p: CommonParams) -> list[int]:
     return [i for i in range(n_layers) if p.protect_first <= i < n_layers - p.protect_last]
+
+
+def require_all(model_or_config: Any, method: str, caps: Iterable[str]) -> None:
+    """Refuse, naming the family and the prune method, when the family of ``model_or_config`` (a
+    model, a config or a config dict) refuses one of ``caps`` (a method module's ``needs``)."""
+    for cap in sorted(caps):
+        why = refusal(model_or_config, cap)
+        if why:
+            hint = f" ({_WAY_OUT[cap]})" if cap in _WAY_OUT else ""
+            raise UnsupportedArchitecture(f"prune method '{method}': {why}{hint}")

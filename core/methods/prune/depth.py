@@ -3,14 +3,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pqflow.architectures import LAYER_DROPPING, LayerGeometry
 from pqflow.errors import PqflowError
-from pqflow.methods.importance.common import LayerGeometry, Scores
-from pqflow.methods.prune.common import CommonParams, prunable_layers
+from pqflow.methods.importance.common import Scores
+from pqflow.methods.prune.common import CommonParams, prunable_layers, require_all
 from pqflow.methods.prune.plan import PrunePlan
 
 
 class Params(CommonParams):
     pass
+
+
+def needs(p: Params) -> set[str]:
+    """The adapter capabilities these parameters ask of a model's family."""
+    return {LAYER_DROPPING}
+
+
+def check(model_or_config: Any, p: Params) -> None:
+    """Refuse, naming family and method, a model whose family cannot take these cuts."""
+    require_all(model_or_config, "depth", needs(p))
 
 
 def choose_layers(geos: list[LayerGeometry], scores: Scores, target: int, p: CommonParams) -> list[int]:

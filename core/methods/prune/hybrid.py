@@ -6,10 +6,14 @@ width cuts of the surviving layers (by default MLP neurons only, as COMP does, r
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
-from pqflow.methods.importance.common import LayerGeometry, Scores
+from pqflow.architectures import LAYER_DROPPING, LayerGeometry
+from pqflow.methods.importance.common import Scores
 from pqflow.methods.prune import width
+from pqflow.methods.prune.common import require_all
 from pqflow.methods.prune.depth import choose_layers
 from pqflow.methods.prune.plan import HeadMode, PrunePlan
 
@@ -17,6 +21,17 @@ from pqflow.methods.prune.plan import HeadMode, PrunePlan
 class Params(width.Params):
     layer_share: float = Field(0.5, ge=0, le=1, description="fraction of the budget removed as whole layers")
     head_mode: HeadMode = Field("none", description="COMP prunes neurons of the dense layers only")
+
+
+def needs(p: Params) -> set[str]:
+    """The adapter capabilities these parameters ask of a model's family: layer dropping for the
+    layer share, and what the width share cuts (the rest of the budget, whatever ``layer_share``)."""
+    return ({LAYER_DROPPING} if p.layer_share > 0 else set()) | width.needs(p)
+
+
+def check(model_or_config: Any, p: Params) -> None:
+    """Refuse, naming family and method, a model whose family cannot take these cuts."""
+    require_all(model_or_config, "hybrid", needs(p))
 
 
 def plan(geos: list[LayerGeometry], scores: Scores, target: int, p: Params) -> PrunePlan:
@@ -35,7 +50,7 @@ def plan(geos: list[LayerGeometry], scores: Scores, target: int, p: Params) -> P
         "protect_last": max(0, p.protect_last - sum(1 for i in drop if i >= len(geos) - p.protect_last)),
     })
     out = PrunePlan(drop=drop)
-    if left > 0:
+    if left > 0 and (p.channels or p.head_mode != "none"):  # both off: whole layers only
         sub = width.plan([geos[i] for i in kept], sub_scores, left, sub_p)
         out.keep = {kept[j]: k for j, k in sub.keep.items()}
     return out

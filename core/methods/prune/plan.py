@@ -7,12 +7,12 @@ KV group at a time (every group keeps the same number of query heads, which is w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
-from pqflow.methods.importance.common import LayerGeometry
+from pqflow.architectures import LayerGeometry
 
 HeadMode = Literal["query", "group", "none"]
 
@@ -24,7 +24,7 @@ class LayerKeep:
     channels: list[int]  # kept MLP channels
 
     def geometry(self, g: LayerGeometry) -> LayerGeometry:
-        return LayerGeometry(g.hidden, g.head_dim, len(self.heads), len(self.kv), len(self.channels))
+        return replace(g, n_heads=len(self.heads), n_kv=len(self.kv), inter=len(self.channels))
 
 
 @dataclass
@@ -91,7 +91,7 @@ def channel_queue(layer: int, scores: torch.Tensor, g: LayerGeometry, round_to: 
         start += round_to
     s = scores.double()
     return UnitQueue(layer, "channel", [float(s[b].sum()) for b in blocks], blocks,
-                     [3 * g.hidden * len(b) for b in blocks])
+                     [(3 if g.gated else 2) * g.hidden * len(b) for b in blocks])
 
 
 def head_queue(layer: int, head: torch.Tensor | None, kv_group: torch.Tensor | None, g: LayerGeometry,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pqflow.methods.importance.common import LayerGeometry
+from pqflow.architectures import LayerGeometry
 
 
 def plot_plan(plan_json: dict, geos: list[LayerGeometry], path: Path, title: str) -> Path:

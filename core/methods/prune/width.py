@@ -8,18 +8,23 @@
   layers lose what they can spare (non-uniform ratios);
 - ``layer-score``: per-layer fractions from the layer scores (less important layers lose more),
   uniform inside each layer.
+
+``channels: false`` leaves the MLPs alone (heads only: the one width cut an MoE block takes);
+``head_mode: none`` leaves the attention alone (MLP channels only: Phi-3, OLMo 2). :func:`needs`
+names the adapter capabilities the parameters ask of a family.
 """
 
 from __future__ import annotations
 
 import heapq
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
+from pqflow.architectures import CHANNEL_PRUNING, HEAD_PRUNING, LayerGeometry
 from pqflow.errors import PqflowError
-from pqflow.methods.importance.common import LayerGeometry, Scores
-from pqflow.methods.prune.common import CommonParams, prunable_layers
+from pqflow.methods.importance.common import Scores
+from pqflow.methods.prune.common import CommonParams, prunable_layers, require_all
 from pqflow.methods.prune.plan import HeadMode, PrunePlan, UnitQueue, apply_units, channel_queue, head_queue
 from pqflow.recipe import MAX_GROUP
 
@@ -29,15 +34,29 @@ class Params(CommonParams):
     head_mode: HeadMode = Field("query", description="query: query heads, equal count per KV group; group: whole GQA groups; none: MLP only")
     round_to: int = Field(64, ge=1, le=MAX_GROUP, description="kept MLP channels are a multiple of this (64-wide quantization groups)")
     min_channels: int = Field(64, ge=1, le=1 << 20, description="fewest MLP channels a layer keeps")
+    channels: bool = Field(True, description="prune MLP channels (false: heads only, e.g. MoE blocks)")
     per_param: bool = Field(True, description="global: rank units by score per removed parameter")
     normalize: Literal["none", "layer-mean"] = Field("none", description="global: divide scores by their layer's mean first")
     spread: float = Field(1.0, ge=0, le=100, description="layer-score: 0 = uniform, 1 = fractions proportional to 1/score")
 
 
+def needs(p: Params) -> set[str]:
+    """The adapter capabilities these parameters ask of a model's family."""
+    return ({HEAD_PRUNING} if p.head_mode != "none" else set()) | ({CHANNEL_PRUNING} if p.channels else set())
+
+
+def check(model_or_config: Any, p: Params) -> None:
+    """Refuse, naming family and method, a model whose family cannot take these cuts."""
+    require_all(model_or_config, "width", needs(p))
+
+
 def _queues(geos: list[LayerGeometry], scores: Scores, layers: list[int], p: Params) -> dict[int, tuple[UnitQueue, UnitQueue]]:
-    if scores.channel is None:
+    if not p.channels and p.head_mode == "none":
+        raise PqflowError("width pruning with head_mode 'none' and channels false has nothing to remove")
+    if p.channels and scores.channel is None:
         raise PqflowError(f"width pruning needs channel scores; importance '{scores.method}' gives only "
-                          f"{', '.join(scores.granularities())} (use taylor, condition, wanda-sp or magnitude)")
+                          f"{', '.join(scores.granularities())} (use taylor, condition, wanda-sp or magnitude, "
+                          f"or set channels: false for heads only)")
     need = {"query": "head", "group": "kv_group"}.get(p.head_mode)
     if need and getattr(scores, need) is None:
         raise PqflowError(f"head_mode '{p.head_mode}' needs {need} scores, which '{scores.method}' does not give")
@@ -46,12 +65,13 @@ def _queues(geos: list[LayerGeometry], scores: Scores, layers: list[int], p: Par
         g = geos[i]
         head = scores.head[i] if scores.head is not None else None
         kv = scores.kv_group[i] if scores.kv_group is not None else None
-        ch = scores.channel[i]
+        ch = scores.channel[i] if p.channels else None
         if p.normalize == "layer-mean":
-            ch = ch / ch.double().mean().clamp_min(1e-30)
+            ch = ch / ch.double().mean().clamp_min(1e-30) if ch is not None else None
             head = head / head.double().mean().clamp_min(1e-30) if head is not None else None
             kv = kv / kv.double().mean().clamp_min(1e-30) if kv is not None else None
-        out[i] = (head_queue(i, head, kv, g, p.head_mode), channel_queue(i, ch, g, p.round_to, p.min_channels))
+        cq = channel_queue(i, ch, g, p.round_to, p.min_channels) if ch is not None else UnitQueue(i, "channel", [], [], [])
+        out[i] = (head_queue(i, head, kv, g, p.head_mode), cq)
     return out
 
 

@@ -18,9 +18,10 @@ from torch import nn
 
 from pqflow.calibration import decoder_linears
 from pqflow.formats import bitsandbytes as bnb_format
+from pqflow.formats import from_pretrained
 from pqflow.formats.bitsandbytes import require_bnb
 from pqflow.methods.quant.plan import Plan
-from pqflow.models import cast_float
+from pqflow.models import cast_float, load_config
 
 NEEDS_CALIBRATION = False
 FORMAT = bnb_format.NAME  # the model format these methods write
@@ -44,19 +45,21 @@ def bnb_config(kind: str, double_quant: bool = True, threshold: float = 6.0,
 def convert(model: nn.Module, plan: Plan, kind: str, double_quant: bool = True, threshold: float = 6.0) -> nn.Module:
     """The model re-loaded with the plan's decoder linears in bitsandbytes format ``kind``."""
     require_bnb()
-    from transformers import AutoModelForCausalLM
-
     want = 4 if kind == "nf4" else 8
     odd = sorted({s.bits for s in plan.values()} - {want})
     if odd:
         print(f"[pqflow] bnb-{kind}: plan asks for {odd} bits; bitsandbytes {kind} stores {want}-bit",
               file=sys.stderr)
-    # Linears outside the plan keep full precision: name their leaf names for the skip list.
-    skip = ["lm_head"] + [n for n in decoder_linears(model) if n not in plan]
+    # Linears outside the plan keep full precision, and so does the output head: the skip list
+    # names them (MoE routers are no linears bitsandbytes would take).
+    head = model.get_output_embeddings()
+    skip = [n for n, m in model.named_modules() if m is head] + [n for n in decoder_linears(model) if n not in plan]
     compute = next(model.parameters()).dtype
     with tempfile.TemporaryDirectory(prefix="pqflow-bnb-") as tmp:
         cast_float(model, torch.float16).save_pretrained(tmp, safe_serialization=True)
-        qmodel = AutoModelForCausalLM.from_pretrained(
-            tmp, quantization_config=bnb_config(kind, double_quant, threshold, skip, compute),
-            dtype=compute, device_map="cpu", use_safetensors=True, trust_remote_code=False)
+        # The prepared class: the checkpoint names MoE experts as linears, which bitsandbytes
+        # then quantizes like every other linear.
+        qmodel = from_pretrained(tmp, load_config(tmp),
+                                 quantization_config=bnb_config(kind, double_quant, threshold, skip, compute),
+                                 dtype=compute, device_map="cpu")
     return qmodel.eval()

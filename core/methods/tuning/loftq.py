@@ -58,15 +58,16 @@ def loftq_quantize(model: nn.Module, targets: list[str], r: int, scaling: float,
                    group_size: int | None, symmetric: bool, iters: int
                    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
     """Swap every decoder ``nn.Linear`` for a packed ``QuantLinear``: LoftQ for the LoRA targets
-    (matched by leaf name, as peft does), round-to-nearest for the rest. Returns the adapter
-    initialisation per module and the mean relative weight errors."""
+    (full module names), round-to-nearest for the rest. Returns the adapter initialisation per
+    module and the mean relative weight errors."""
     linears = decoder_linears(model)
     if not linears:
         raise ValueError("LoftQ needs a float model (nn.Linear decoder layers); the input is already quantized")
     init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    wanted = set(targets)
     rtn_errs, errs = [], []
     for name, lin in tqdm(linears.items(), desc="loftq", file=sys.stderr, mininterval=5):
-        if name.rsplit(".", 1)[-1] in targets:
+        if name in wanted:
             q, a, b, e0, e1 = loftq_linear(lin, r, scaling, bits, group_size, symmetric, iters)
             init[name] = (a, b)
             rtn_errs.append(e0)

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pqflow import formats
+from pqflow import architectures, formats
 from pqflow.formats import hf
 from pqflow.formats.lora import save_adapter
 from pqflow.methods.tuning.common import (
@@ -37,15 +37,18 @@ from pqflow.models import DTYPES, cast_float
 from pqflow.quant import QuantLinear
 from pqflow.recipe import MAX_GROUP, MAX_RANK
 
-LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_ROLES = list(architectures.ROLES)  # q, k, v, o, gate, up, down
 
 
 class Params(TrainParams):
     r: int = Field(8, ge=1, le=MAX_RANK, description="adapter rank")
     alpha: float = Field(16.0, gt=0, description="lora_alpha; the update is scaled by alpha / r")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
-    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEARS), max_length=64,
-                                      description="leaf names of the linears that get adapters")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(ALL_ROLES), max_length=64,
+        description="the linears that get adapters: roles in the decoder block (q, k, v, o, gate, up, down; an "
+                    "MoE expert's linears count as gate, up, down; a fused projection is adapted when one of its "
+                    "roles is named) or leaf module names")
     init: Literal["default", "gaussian", "loftq"] = Field(
         "default", description="default: A Kaiming, B zero (peft); loftq: quantize here, adapters fit the residual")
     loftq_bits: Literal[2, 3, 4, 8] = Field(4, description="loftq: bits of the packed base")
@@ -63,6 +66,23 @@ def is_quantized(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def target_linears(model: nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the decoder linears ``targets`` names: by role (see ``Params.target_modules``)
+    or by leaf name. Every entry must name at least one linear."""
+    roles = architectures.block_linear_roles(model)
+    hits: dict[str, list[str]] = {t: [] for t in targets}
+    for name, r in roles.items():
+        plain, leaf = architectures.role_set(r), name.rsplit(".", 1)[-1]
+        for t in targets:
+            if t in plain or t == leaf:
+                hits[t].append(name)
+    missing = [t for t, names in hits.items() if not names]
+    if missing:
+        raise ValueError(f"params.target_modules: {missing} name no linear of this model (roles: "
+                         f"{', '.join(ALL_ROLES)}; leaf names: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in roles}))})")
+    return [n for n in roles if any(n in names for names in hits.values())]
+
+
 def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
     model, tok = base.model, base.tokenizer
     base_meta = dict(base.meta)
@@ -78,6 +98,7 @@ def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
             raise ValueError("params.base_dtype: the base is quantized; its compute dtype is fixed")
         cast_float(model, DTYPES[p.base_dtype])
     scaling = p.alpha / p.r
+    targets = target_linears(model, list(p.target_modules))
     torch.manual_seed(p.seed)
     loftq_init = None
     if p.init == "loftq":
@@ -86,7 +107,7 @@ def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
         from pqflow.formats import packed
         from pqflow.methods.tuning.loftq import loftq_quantize
 
-        loftq_init, stats = loftq_quantize(model, p.target_modules, p.r, scaling, p.loftq_bits,
+        loftq_init, stats = loftq_quantize(model, targets, p.r, scaling, p.loftq_bits,
                                            p.loftq_group_size, p.loftq_symmetric, p.loftq_iter)
         info.update(stats)
         # Saving rounds the float remainder to fp16 in memory too, so training sees the saved base.
@@ -104,7 +125,7 @@ def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
         if isinstance(m, QuantLinear):
             m.cache = p.cache_dequantized
 
-    peft_model = _wrap(model, p)
+    peft_model = _wrap(model, p, targets)
     if loftq_init is not None:
         _set_adapters(peft_model, loftq_init)
     device = resolve_device(p.device)
@@ -125,19 +146,22 @@ def tune(base: Base, data: TrainData, p: Params, out: Path) -> Tuned:
         formats.save_model(peft_model, tok, out, FORMAT, base=base_meta, method="lora")
         result = peft_model.get_base_model()
     info["merged"] = merge
-    print(f"[pqflow] lora: r={p.r} on {len(p.target_modules)} module kinds, {n_train:,} trainable params, "
+    info["adapted_linears"] = len(targets)
+    print(f"[pqflow] lora: r={p.r} on {len(targets)} linears, {n_train:,} trainable params, "
           f"{'merged into the float base' if merge else 'kept beside the frozen base'}", file=sys.stderr)
     return Tuned(result.eval(), hist, n_train, info)
 
 
-def _wrap(model: nn.Module, p: Params) -> nn.Module:
+def _wrap(model: nn.Module, p: Params, targets: list[str]) -> nn.Module:
     from peft import get_peft_model
 
-    from pqflow.quant.lora_layer import lora_config
+    from pqflow.quant.lora_layer import lora_config, own_layout
 
-    cfg = lora_config(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=list(p.target_modules),
+    # Full module names: peft shortens a long list to the fewest suffixes that match exactly these.
+    cfg = lora_config(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
                       init_lora_weights="gaussian" if p.init == "gaussian" else True, bias="none")
-    return get_peft_model(model, cfg)
+    with own_layout():  # MoE experts are linears here: peft must not retarget them as 3D parameters
+        return get_peft_model(model, cfg)
 
 
 @torch.no_grad()
