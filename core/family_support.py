@@ -23,6 +23,7 @@ from pqflow.architectures import (
     LAYER_DROPPING,
     Family,
     family_of,
+    gguf_arch,
     refusal,
 )
 from pqflow.errors import RecipeError
@@ -66,12 +67,33 @@ def check_family_support(recipe: Recipe) -> Family | None:
         asked = needs(recipe, stage)
         if stage == "export":
             asked.add(EXPORT)
+            for fmt in recipe.stages.export.formats:
+                why = format_refusal(family, fmt)
+                if why:
+                    raise RecipeError(f"stages.export: format '{fmt}' cannot run on {recipe.model.source}: {why}")
         for cap in sorted(asked):
             why = refusal(family, cap)
             if why:
                 method = f" method '{cfg.method}'" if isinstance(cfg, MethodStage) else ""
                 raise RecipeError(f"stages.{stage}:{method} cannot run on {recipe.model.source}: {why}")
     return family
+
+
+def format_refusal(family: Family, fmt: str) -> str | None:
+    """Why export format ``fmt`` cannot hold this family, or None when it can."""
+    why = refusal(family, EXPORT)
+    if why:
+        return why
+    if fmt == "gguf" and gguf_arch(family) is None:
+        return f"gguf export is not supported for {family.name}: llama.cpp computes it with a converter pqflow does not have"
+    return None
+
+
+def _exports(family: Family) -> str:
+    from pqflow.export import FORMATS
+
+    ok = [f for f in FORMATS if format_refusal(family, f) is None]
+    return ", ".join(ok) if ok else "no"
 
 
 def _cell(family: Family, *caps: str) -> str:
@@ -90,7 +112,7 @@ def support_table() -> str:
         refused = "; ".join(f"{c}: {why}" for c, why in f.refuses.items())
         notes = "; ".join(f.notes) + (f". Not supported: {refused}" if refused else "")
         rows.append([f.name, ", ".join(f.model_types), "yes", "yes", *width, "yes", "yes", "yes", "yes",
-                     _cell(f, EXPORT), notes])
+                     _exports(f), notes])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -97,3 +97,45 @@ def test_family_runs_the_whole_pipeline(family, tmp_path):
     for res in (first, second):
         ppl = res.outcomes["evaluate"].manifest["summary"]["ppl"]
         assert math.isfinite(ppl) and ppl > 1
+
+
+@pytest.mark.parametrize(("family", "stage", "change", "words"), [
+    ("phi3", "prune", {"params": {"head_mode": "query"}}, ["phi3", "head pruning", "width"]),
+    ("olmo2", "prune", {"params": {"head_mode": "group"}}, ["olmo2", "head pruning", "width"]),
+    ("qwen3_moe", "prune", {"params": {"head_mode": "none"}}, ["qwen3_moe", "MLP channel pruning", "width"]),
+    ("gemma2", "export", {"formats": ["gguf"]}, ["gemma2", "gguf"]),
+    ("granite", "export", {"formats": ["compressed-tensors"]}, ["granite", "export"]),
+])
+def test_validate_refuses_what_a_family_cannot_take(family, stage, change, words, tmp_path):
+    """One line naming the family and the method, exit 2, before any model loads."""
+    data = yaml.safe_load(TINY.read_text())
+    data["model"] = {"source": f"tiny-{family}"}
+    if stage == "prune":
+        data["stages"]["prune"] = {"enabled": True, "method": "width", **change}
+        data["stages"]["importance"] = {"enabled": True, "method": "taylor"}
+    else:
+        data["stages"]["quantize"] = {"enabled": True, "method": "rtn"}
+        data["stages"]["export"] = change
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    res = subprocess.run([str(Path(sys.executable).parent / "pqflow"), "validate", str(path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert "model tiny-" not in err  # nothing was loaded
+
+
+def test_validate_names_the_family_of_a_local_folder(tmp_path):
+    from pqflow.family_support import source_family
+    from pqflow.tiny import tiny_model
+
+    model, tok = tiny_model("qwen3")
+    model.save_pretrained(tmp_path / "m")
+    assert source_family(f"hf:{tmp_path / 'm'}").name == "qwen3"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "mamba"}')
+    from pqflow.architectures import UnsupportedArchitecture
+
+    with pytest.raises(UnsupportedArchitecture, match="model type 'mamba' has no pqflow architecture adapter"):
+        source_family(f"hf:{tmp_path / 'other'}")
