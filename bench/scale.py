@@ -99,8 +99,9 @@ def build_model(shape: str, dtype: str, folder: Path) -> dict[str, Any]:
 
     from pqflow.models import DTYPES
 
-    if (folder / "config.json").is_file():
-        return json.loads((folder / "build.json").read_text())
+    if (folder / "config.json").is_file():  # built before: that build's cost
+        return {**json.loads((folder / "build.json").read_text()), "cached": True}
+    t0 = time.perf_counter()
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = llama_config(shape, dtype)
@@ -134,7 +135,8 @@ def build_model(shape: str, dtype: str, folder: Path) -> dict[str, Any]:
                                                                   "weight_map": weight_map}, indent=1))
     cfg.save_pretrained(tmp)
     tokenizer().save_pretrained(tmp)
-    info = {"params": sum(math.prod(s) for s in shapes.values()), "weight_bytes": total, "dtype": dtype}
+    info = {"params": sum(math.prod(s) for s in shapes.values()), "weight_bytes": total, "dtype": dtype,
+            "build_seconds": round(time.perf_counter() - t0, 2), "build_peak_rss_mb": round(own_peak_rss_mb())}
     (tmp / "build.json").write_text(json.dumps(info))
     tmp.rename(folder)
     return info
@@ -177,7 +179,11 @@ def worker(shape: str, stage: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     row: dict[str, Any] = {"shape": shape, "stage": stage, "dtype": dtype}
     if stage == "build":
-        row.update(build_model(shape, dtype, model_dir))
+        info = build_model(shape, dtype, model_dir)
+        row.update(info)
+        if info.get("cached"):  # the row reports the build that wrote the files
+            row["seconds"], row["peak_rss_mb"] = info["build_seconds"], info["build_peak_rss_mb"]
+            return row
     else:
         r = parse_recipe(recipe(work, model_dir, dtype, args))
         uri = {s: f"file://{work}/{s}" for s in ("calib", "quant", "eval", "importance")}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pqflow import architectures as arch
 from pqflow.methods.bitsearch import budget as B
 from pqflow.methods.bitsearch.context import SearchContext
 from pqflow.methods.bitsearch.evaluator import Evaluator
@@ -96,7 +97,7 @@ def test_evaluator_matches_the_quantized_model(tiny):
     alloc = tuple(int(x) for x in np.random.default_rng(2).integers(0, len(sp.choices), sp.n_units))
     m = ev.measure(alloc)
     again = ev.measure(alloc)  # served from the cached trajectory: no block re-runs
-    assert again.start_layer == len(ev.layers) and again.nll == pytest.approx(m.nll, rel=1e-6)
+    assert again.start_layer == len(ev.blocks) and again.nll == pytest.approx(m.nll, rel=1e-6)
     ev.restore()
     from pqflow.tiny import tiny_llama
 
@@ -182,11 +183,12 @@ def test_nevergrad_prior_knobs_at_the_prior_give_the_prior(tiny):
     assert np.allclose(knobs.damage(knobs.prior_vector), ctx.damage("error"))
     assert B.greedy(ctx.space, ctx.budget, knobs.damage(knobs.prior_vector)) == ctx.prior_allocation("error")
     # a large weight on one kind of linear gives that kind more bytes
-    kind = knobs.kind_names.index("down_proj")
+    down_leaf = arch.projections(arch.decoder_layers(tiny[0])[0])["down"].name.rsplit(".", 1)[-1]
+    kind = knobs.kind_names.index(down_leaf)
     x = knobs.prior_vector.copy()
     x[3 + kind] = 3.0
     alloc = B.greedy(ctx.space, ctx.budget, knobs.damage(x))
-    down = [i for i, m in enumerate(ctx.space.units) if m.endswith("down_proj")]
+    down = [i for i, m in enumerate(ctx.space.units) if m.endswith(f".{down_leaf}")]
     cost = ctx.space.cost[np.arange(ctx.space.n_units)]
     assert sum(cost[i, alloc[i]] for i in down) >= sum(cost[i, ctx.prior_allocation("error")[i]] for i in down)
     # knob ranges that leave the prior out, or an unknown optimizer, are recipe errors

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pqflow import architectures as arch
 from pqflow.errors import RecipeError
 from pqflow.export import ExportOptions, export_artifact
 from pqflow.methods.bitsearch.space import SearchSpace, parse_choice
@@ -34,14 +35,20 @@ def test_each_target_keeps_what_its_kernels_take():
     assert _labels("llama.cpp", True)[0] == ["4g32", "4g64", "4g128", "8pc", "8g64"]
 
 
+def _names(model, block: int, *roles: str) -> list[str]:
+    """Full module names of the linears playing ``roles`` in block ``block``."""
+    p = arch.projections(arch.decoder_layers(model)[block])
+    return [f"{arch.block_names(model)[block]}.{p[r].name}" for r in roles]
+
+
 def test_vllm_ties_qkv_and_gate_up(tiny):
     model, _ = tiny
-    space = SearchSpace.build(model, "linear", [parse_choice("4g64")], tie=TARGETS["vllm"].tie_key)
+    space = SearchSpace.build(model, "linear", [parse_choice("4g64")], tie=TARGETS["vllm"].tie(model))
     assert space.n_units == 4 * 4  # qkv, o, gate+up, down per layer
-    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
-            "model.layers.0.self_attn.v_proj"] in space.unit_modules
-    assert ["model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj"] in space.unit_modules
-    plain = SearchSpace.build(model, "linear", [parse_choice("4g64")], tie=TARGETS["llama.cpp"].tie_key)
+    assert _names(model, 0, "q", "k", "v") in space.unit_modules
+    assert _names(model, 3, "gate", "up") in space.unit_modules
+    assert f"{arch.block_names(model)[0]}.q+k+v" in space.units
+    plain = SearchSpace.build(model, "linear", [parse_choice("4g64")], tie=TARGETS["llama.cpp"].tie(model))
     assert plain.n_units == 28
 
 
@@ -75,10 +82,12 @@ def test_searched_allocation_exports_to_its_target_without_fallback(tiny_recipe,
         [parse_choice(c) for c in CHOICES], False)[0]}
     assert set(labels.values()) <= allowed and len(set(labels.values())) > 1  # mixed, all runnable
     if target == "vllm":
+        from pqflow.tiny import tiny_llama
+
+        ref, _ = tiny_llama()
         for i in range(4):
-            p = f"model.layers.{i}"
-            assert labels[f"{p}.self_attn.q_proj"] == labels[f"{p}.self_attn.k_proj"] == labels[f"{p}.self_attn.v_proj"]
-            assert labels[f"{p}.mlp.gate_proj"] == labels[f"{p}.mlp.up_proj"]
+            assert len({labels[n] for n in _names(ref, i, "q", "k", "v")}) == 1
+            assert len({labels[n] for n in _names(ref, i, "gate", "up")}) == 1
     search = json.loads((tmp_path / "bits" / "search.json").read_text())
     assert "2g64" in search["info"]["target"]["refused"]
     r.stages.quantize.enabled = True

@@ -175,6 +175,22 @@ def test_smollm_style_pre_tokenizer_is_named():
         gx.pre_tokenizer_name({"type": "Metaspace"})
 
 
+def test_qwen2_split_pre_tokenizer_is_named():
+    # the regex transformers' Qwen2 tokenizer splits with (Qwen3's too): llama.cpp's "qwen2"
+    import json
+
+    from tokenizers import Regex, pre_tokenizers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert gx.pre_tokenizer_name(json.loads(pre.__getstate__())) == "qwen2"
+    with pytest.raises(ExportError, match="no known llama.cpp name"):
+        gx.pre_tokenizer_name(json.loads(pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(use_regex=False)]).__getstate__()))
+
+
 def test_inexact_schemes_fail_naming_the_layer_and_write_nothing(tiny, tmp_path):
     src = _quantized(tiny, tmp_path, overrides=ODD)
     with pytest.raises(ExportError) as err:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pqflow import architectures as arch
 from pqflow.calibration import STATS_FILE, WINDOWS_FILE, Calibration, collect_stats
 from pqflow.methods.importance import REGISTRY
 from pqflow.methods.importance.common import Scores
@@ -54,11 +55,11 @@ def test_taylor_matches_loss_gradient_definition(tiny, calib):
     x = calib.windows[:4]
     model.zero_grad()
     model(input_ids=x, labels=x).loss.backward()
-    m = model.model.layers[1].mlp
+    pr = arch.projections(arch.decoder_layers(model)[1])
     c = 7
     with torch.no_grad():
-        want = sum(float((w * w.grad).abs()[c].sum()) for w in (m.gate_proj.weight, m.up_proj.weight)) + float(
-            (m.down_proj.weight * m.down_proj.weight.grad).abs()[:, c].sum())
+        want = sum(float((pr[r].weight * pr[r].grad).abs()[c].sum()) for r in ("gate", "up")) + float(
+            (pr["down"].weight * pr["down"].grad).abs()[:, c].sum())
     assert s.channel[1][c].item() == pytest.approx(want, rel=1e-4)
     # A GQA group's score covers its KV head and all of its query heads (sum aggregation).
     assert (s.kv_group[1] >= s.head[1].view(2, 2).sum(1) - 1e-6).all()
@@ -90,7 +91,7 @@ def test_block_influence_is_one_minus_cosine(tiny, calib):
     s = mod.score(model, calib, mod.Params(n_windows=2, batch_size=2), progress=False)
     x = calib.windows[:2]
     with torch.no_grad():
-        hs = model.model(input_ids=x, output_hidden_states=True).hidden_states
+        hs = arch.backbone(model)(input_ids=x, output_hidden_states=True).hidden_states
     # hidden_states[i] is layer i's input; the last one has the final norm applied, so check the rest
     for i in range(3):
         cos = torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pqflow import architectures as arch
 from pqflow.methods.importance import magnitude
 from pqflow.methods.importance.common import Scores, geometries, non_embedding_params
 from pqflow.methods.prune import depth, hybrid, width
@@ -36,22 +37,25 @@ def _cut(model, method, ratio: float, **kw):
 def test_gqa_consistent_head_removal(tiny):
     model, _ = tiny
     plan, _ = _cut(model, "width", 0.4, allocation="uniform", head_mode="query")
-    for layer in model.model.layers:
-        a = layer.self_attn
-        n_q, n_kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
-        assert n_q % n_kv == 0 and a.num_key_value_groups == n_q // n_kv
-        assert a.o_proj.in_features == a.q_proj.out_features
+    for layer in arch.decoder_layers(model):
+        g, pr = arch.geometry(layer), arch.projections(layer)
+        assert g.n_heads % g.n_kv == 0 and pr["o"].in_features == pr["q"].out_features
     assert any(len(k.heads) < 4 for k in plan.keep.values())
     for k in plan.keep.values():  # every kept KV group keeps the same number of query heads
         counts = {kv: sum(1 for h in k.heads if h // 2 == kv) for kv in k.kv}
         assert len(set(counts.values())) == 1
-    model(input_ids=X)
+    with torch.no_grad():
+        sdpa = model(input_ids=X).logits
+        # The eager kernel repeats each KV head for its query heads: the attention's head
+        # bookkeeping must match the cut weights for it to agree with SDPA.
+        model.set_attn_implementation("eager")
+        assert torch.allclose(model(input_ids=X).logits, sdpa, atol=1e-5)
 
 
 def test_group_mode_removes_whole_kv_groups(tiny):
     model, _ = tiny
     _cut(model, "width", 0.3, allocation="uniform", head_mode="group")
-    kvs = [layer.self_attn.k_proj.out_features for layer in model.model.layers]
+    kvs = [arch.projections(layer)["k"].out_features for layer in arch.decoder_layers(model)]
     assert min(kvs) == 32  # one KV head of 32 dims left where a group went
     model(input_ids=X)
 
@@ -65,8 +69,8 @@ def test_shapes_and_bytes_shrink_in_proportion(tiny, tmp_path: Path, alloc: str)
     _cut(model, "width", 0.3, allocation=alloc)
     removed = base - non_embedding_params(model)
     assert abs(removed / base - 0.3) < 0.06
-    for layer in model.model.layers:
-        assert layer.mlp.gate_proj.out_features % 32 == 0
+    for layer in arch.decoder_layers(model):
+        assert arch.geometry(layer).inter % 32 == 0
     save_model(model, tok, tmp_path / "cut", fmt="pqflow-pruned")
     params = sum(p.numel() for p in model.parameters())
     assert weight_bytes(tmp_path / "cut") / full_bytes == pytest.approx(params / full_params, rel=0.01)
@@ -104,7 +108,9 @@ def test_depth_prune_generate_with_cache_equals_without(tiny):
     model, _ = tiny
     plan, uniform = _cut(model, "depth", 0.5)
     assert uniform and len(plan.drop) == 2 and model.config.num_hidden_layers == 2
-    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    # KV-cache slots renumbered (the attention module carries its block's index)
+    assert [m.layer_idx for layer in arch.decoder_layers(model) for m in layer.modules()
+            if hasattr(m, "layer_idx")] == [0, 1]
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 258}
     with_cache = model.generate(X[:1], use_cache=True, **kw)
     without = model.generate(X[:1], use_cache=False, **kw)
@@ -129,15 +135,15 @@ def test_correction_lowers_layer_output_error(tiny, how: str):
         before = (model(input_ids=windows).logits - original(input_ids=windows).logits).pow(2).mean()
     p = width.Params(correction=how.split("+")[0], refit_inputs=how.endswith("inputs"), batch_size=4)
     report = correct(original, model, plan.kept_layers(4), set(plan.keep), windows, p, progress=False)
-    assert report.layers and all(r["after"] <= r["before"] + 1e-9 for r in report.layers)
-    assert sum(r["after"] for r in report.layers) < sum(r["before"] for r in report.layers)
+    assert report.fits and all(r["after"] <= r["before"] + 1e-9 for r in report.fits)
+    assert sum(r["after"] for r in report.fits) < sum(r["before"] for r in report.fits)
     with torch.no_grad():
         after = (model(input_ids=windows).logits - original(input_ids=windows).logits).pow(2).mean()
     assert after < before
 
 
 def test_local_reformation_is_the_closed_form(tiny):
-    """target=layer, propagate=False: W_k = W X Xₖᵀ (Xₖ Xₖᵀ + λI)⁻¹ on down_proj of a cut layer."""
+    """target=layer, propagate=False: W_k = W X Xₖᵀ (Xₖ Xₖᵀ + λI)⁻¹ on the down projection of a cut layer."""
     model, _ = tiny
     original = copy.deepcopy(model)
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
@@ -145,13 +151,13 @@ def test_local_reformation_is_the_closed_form(tiny):
     i = sorted(plan.keep)[0]
     keep = torch.tensor(sorted(plan.keep[i].channels))
     got = {}
-    lo = original.model.layers[i]
-    h = lo.mlp.down_proj.register_forward_pre_hook(lambda _m, a: got.setdefault("x", []).append(a[0]))
+    down = arch.projections(arch.decoder_layers(original)[i])["down"].module
+    h = down.register_forward_pre_hook(lambda _m, a: got.setdefault("x", []).append(a[0]))
     with torch.no_grad():
         original(input_ids=windows)
     h.remove()
-    x = got["x"][0].reshape(-1, lo.mlp.down_proj.in_features).double()  # tokens x inter
-    w = lo.mlp.down_proj.weight.double()
+    x = got["x"][0].reshape(-1, down.in_features).double()  # tokens x inter
+    w = down.weight.double()
     xk = x[:, keep]
     g = xk.T @ xk
     lam = 0.01 * g.diagonal().mean()
@@ -159,7 +165,8 @@ def test_local_reformation_is_the_closed_form(tiny):
     p = width.Params(correction="reformation", correct_target="layer", propagate=False, correct_all=False,
                      batch_size=4)
     correct(original, model, plan.kept_layers(4), set(plan.keep), windows, p, progress=False)
-    assert torch.allclose(model.model.layers[i].mlp.down_proj.weight.double(), expect, atol=1e-4, rtol=1e-3)
+    got_w = arch.projections(arch.decoder_layers(model)[i])["down"].weight.double()
+    assert torch.allclose(got_w, expect, atol=1e-4, rtol=1e-3)
 
 
 def test_stages_through_runner(tiny_recipe, tmp_path: Path):

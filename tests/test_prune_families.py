@@ -108,7 +108,7 @@ def test_width_prune_with_reformation_reloads_identically(family: str, tmp_path:
 
     before = err()
     report = correct(original, model, plan.kept_layers(len(geos)), set(plan.keep), WINDOWS, p, progress=False)
-    assert report.layers and all(r["after"] <= r["before"] + 1e-9 for r in report.layers)
+    assert report.fits and all(r["after"] <= r["before"] + 1e-9 for r in report.fits)
     assert err() < before
     with torch.no_grad():
         ref = model(input_ids=X).logits

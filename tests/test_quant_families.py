@@ -202,7 +202,7 @@ def test_lora_targets_the_linears_of_the_roles(family: str):
     if family == "qwen3_moe":  # every expert's down
         assert len([n for n in only_q if roles[n].startswith("expert.")]) == 4 * 4
     peft_model = lora._wrap(model, lora.Params(r=2), only_q)
-    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    adapted = {n for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
     assert adapted == set(only_q)
     with pytest.raises(ValueError, match="name no linear"):
         lora.target_linears(model, ["q", "nope"])
@@ -240,7 +240,8 @@ def test_bit_search_evaluator_and_prior(family: str, tmp_path: Path):
     assert ev.measure(space.uniform(parse_choice("16"))).kl == pytest.approx(0.0, abs=1e-4)  # fp16 weights
     ctx = SearchContext(model, space, space.budget(3.0, None), heldout, calib=_calibration(model, tmp_path / "c"),
                         progress=False, _evaluator=ev)
-    for prior in ("error", "sensitivity"):
+    ctx.prior_settings.mi_windows = 4
+    for prior in ("error", "sensitivity", "mi"):
         t = importance_prior.search(ctx, importance_prior.Params(prior=prior))
         assert t.bytes <= ctx.budget and t.objective >= 0
     tied = [mods for mods in space.unit_modules if len(mods) > 1]
@@ -275,3 +276,32 @@ def test_bitsandbytes_quantizes_moe_experts(tmp_path: Path):
     assert all(type(again.get_submodule(n)).__name__ == "Linear8bitLt" for n in experts)
     ids = _ids(2)
     assert torch.equal(_logits(again, ids), _logits(qmodel, ids))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "qwen3_moe"])
+def test_stages_calibrate_bit_search_quantize(family: str, tiny_recipe, tmp_path: Path):
+    """The stages end to end on a family other than Llama: the allocation names the family's
+    linears and the quantize stage packs exactly those."""
+    from pqflow.runner import run_stage
+
+    r = tiny_recipe
+    r.model.source = f"tiny-{family}"
+    r.stages.calibrate.n_windows = 4
+    r.stages.bit_search.enabled = True
+    r.stages.bit_search.method = "importance-prior"
+    r.stages.bit_search.avg_bits = 6.0  # between all 4g32 (4.75 bits) and all 8g32
+    r.stages.bit_search.choices = ["2g32", "4g32", "8g32"]  # vllm drops 2g32
+    r.stages.bit_search.target = "vllm"
+    r.stages.bit_search.heldout_windows = 2
+    r.stages.bit_search.heldout_seqlen = SEQ
+    r.stages.quantize.enabled = True
+    r.stages.quantize.method = "rtn"
+    cal = run_stage("calibrate", r, {}, f"file://{tmp_path}/cal")
+    bits = run_stage("bit-search", r, {"calib": cal.uri}, f"file://{tmp_path}/bits")
+    alloc = json.loads((tmp_path / "bits" / "allocation.json").read_text())
+    names = _role_linears(_load(family).model)
+    assert set(alloc["modules"]) == names
+    q = run_stage("quantize", r, {"calib": cal.uri, "allocation": bits.uri}, f"file://{tmp_path}/q")
+    assert q.summary["quantized_linears"] == len(names)
+    model = load_model_artifact(tmp_path / "q").model
+    assert {n: model.get_submodule(n).bits for n in names} == {n: e["bits"] for n, e in alloc["modules"].items()}

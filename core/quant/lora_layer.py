@@ -84,8 +84,8 @@ def own_layout() -> Iterator[None]:
     """Inside: peft targets and loads adapters by the model's own module names.
 
     With transformers 5, peft rewrites the LoRA targets (and the adapter's keys on load) of MoE
-    model types for transformers' fused 3D expert tensors: a target ``down_proj`` becomes the
-    parameter ``experts.down_proj``. pqflow's prepared models keep one linear per expert
+    model types for transformers' fused 3D expert tensors: a target naming the experts' down
+    projection becomes the fused experts' parameter. pqflow's prepared models keep one linear per expert
     (:func:`pqflow.architectures.prepare`), which peft adapts like any other linear, so the
     rewrite would drop exactly those targets. For other model types the rewrite does nothing."""
     from peft.utils import transformers_weight_conversion as conv

@@ -72,7 +72,7 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
         "layer_shapes": layer_shapes(model),
         "plan": plan_json,
         "seconds": {"importance": importance_secs, "cut": t_cut, "total": secs},
-        "correction": report.layers if report else [],
+        "correction": report.fits if report else [],
     }
     write_json(out / META_FILE, meta)
     bytes_ = weight_bytes(out)

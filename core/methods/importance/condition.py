@@ -51,7 +51,7 @@ def block_scores(w: torch.Tensor, ginv: torch.Tensor, blocks: list[list[int]]) -
     w = w.double()
     out = []
     for cols in blocks:
-        idx = torch.tensor(cols)
+        idx = torch.tensor(cols, device=w.device)
         wb = w[:, idx]
         sub = ginv[idx][:, idx]
         out.append(torch.trace(wb @ torch.linalg.solve(sub, wb.T)))

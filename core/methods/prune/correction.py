@@ -86,10 +86,10 @@ def mask_tune(w: torch.Tensor, acc: Accum, damping: float) -> torch.Tensor:
 
 @dataclass
 class CorrectionReport:
-    layers: list[dict] = field(default_factory=list)
+    fits: list[dict] = field(default_factory=list)  # one per corrected linear: layer, module, before, after
 
     def mean_gain(self) -> float:
-        pairs = [(r["before"], r["after"]) for r in self.layers]
+        pairs = [(r["before"], r["after"]) for r in self.fits]
         return sum(b - a for b, a in pairs) / max(len(pairs), 1)
 
 
@@ -213,7 +213,7 @@ def _apply(fix, lin: nn.Linear, acc: Accum, damping: float, rec: dict, report: C
     rec.update(before=before, after=acc.error(new))
     if rec["after"] < before:  # a worse fit (possible only through damping) is not applied
         w.data.copy_(new.to(w.dtype))
-    report.layers.append(rec)
+    report.fits.append(rec)
 
 
 @dataclass

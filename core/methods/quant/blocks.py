@@ -26,7 +26,7 @@ from torch import nn
 from pqflow.architectures import block_linears, block_names, decoder_layers
 
 __all__ = ["BlockInputs", "block_linears", "block_names", "capture_inputs", "decoder_layers", "move_block",
-           "onloaded", "run_block"]
+           "onloaded", "own_memory", "run_block"]
 
 # The keyword arguments a block is run with; caches and flags are dropped: blocks run stateless.
 _KEPT = ("attention_mask", "position_embeddings", "position_ids")
@@ -186,19 +186,35 @@ def home_device(block: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+@torch.no_grad()
+def own_memory(block: nn.Module) -> None:
+    """Give every tensor of ``block`` its own memory (a copy; same values). A model loaded from
+    safetensors computes on pages of the file's mapping, and a mapping is only released once no
+    tensor of its file is left: after a block is packed, its float leftovers (norm gains) would
+    keep the whole file's pages resident."""
+    for mod in block.modules():
+        for p in mod.parameters(recurse=False):
+            p.data = p.data.clone()
+        for name, b in list(mod.named_buffers(recurse=False)):
+            setattr(mod, name, b.clone())
+
+
 @contextmanager
 def onloaded(block: nn.Module, device: torch.device | str | None) -> Iterator[nn.Module]:
     """``block`` with its weights on ``device`` for the duration, then back where they were (with
-    any modules the caller swapped in, e.g. packed linears). ``device=None``: left where it is."""
-    if device is None:
-        yield block
-        return
+    any modules the caller swapped in, e.g. packed linears). ``device=None``: computed where it is.
+
+    When the block computes in CPU memory where it lives, it is given its own memory on the way
+    out (:func:`own_memory`): what it read from a memory-mapped file can then be unmapped."""
     home = home_device(block)
-    move_block(block, torch.device(device))
+    dev = home if device is None else torch.device(device)
+    move_block(block, dev)
     try:
         yield block
     finally:
         move_block(block, home)
+        if dev == home and home.type == "cpu":
+            own_memory(block)
 
 
 def run_block(block: nn.Module, inputs: BlockInputs, out: torch.Tensor | None = None) -> torch.Tensor:
