@@ -78,7 +78,7 @@ def test_family_runs_the_whole_pipeline(family, tmp_path):
     recipe = parse_recipe(family_recipe(family, "gptq", "peqa"))
     assert check_family_support(recipe).name == family
     first = run_plan(recipe, root)
-    assert first.outcomes["prune"].manifest["summary"]["ratio_removed"] > 0.1  # tensors got smaller
+    assert first.outcomes["prune"].manifest["summary"]["ratio_removed"] > 0.05  # tensors got smaller (MoE: heads only)
     quant = json.loads((Path(_local(first.outcomes["quantize"].uri)) / "quant_config.json").read_text())
     assert quant["modules"], "nothing was quantized"
 

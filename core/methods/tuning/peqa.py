@@ -66,10 +66,12 @@ class ScaledLinear(torch.autograd.Function):
 
 
 def _grouped_codes(m: QuantLinear) -> torch.Tensor | None:
-    """``Q - z`` of ``m`` as ``[out, groups, group_size]`` float32, or None when its groups do
-    not tile the input (such a layer keeps its own, gathering, dequantization)."""
-    g = m.in_features if m.group_size is None else m.group_size
-    if m.in_features % g or m.scales.shape[1] * g != m.in_features:
+    """``Q - z`` of ``m`` as ``[out, groups, group_size]`` float32, or None when
+    :meth:`QuantLinear.dequantize` gathers per column instead (one scale per row, or groups that
+    do not tile the input): such a layer keeps its own path, whose scale gradient sums in another
+    order."""
+    g = m.group_size
+    if g is None or m.in_features % g or m.scales.shape[1] * g != m.in_features:
         return None
     with torch.no_grad():
         codes = m.codes().to(torch.float32).view(m.out_features, -1, g)
