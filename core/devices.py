@@ -36,15 +36,41 @@ def peak_device_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def _to(x: object, dev: torch.device) -> object:
+    if isinstance(x, torch.Tensor):
+        return x.to(dev)
+    if isinstance(x, tuple | list):
+        return type(x)(_to(v, dev) for v in x)
+    return x
+
+
+def follow_inputs(module: torch.nn.Module) -> None:
+    """Token ids and labels given to ``module`` go to the device of its weights first, so callers
+    can keep their windows on the CPU (idempotent)."""
+    if getattr(module, "_pqflow_follow_inputs", False):
+        return
+
+    def hook(mod: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        dev = model_device(mod)
+        return _to(args, dev), {k: _to(v, dev) for k, v in kwargs.items()}
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+    module._pqflow_follow_inputs = True
+
+
 def place(model: torch.nn.Module, device: str = "auto", dtype: str | None = None) -> torch.device:
     """Move ``model`` to the stage's device (and compute dtype, when one is set) in place; returns
-    the device. Buffers computed at construction (rotary inverse frequencies) keep their dtype."""
+    the device. Buffers computed at construction (rotary inverse frequencies) keep their dtype.
+    The model and its backbone take inputs from any device (:func:`follow_inputs`)."""
+    from pqflow.architectures import backbone
     from pqflow.models import cast_float
 
     dev = resolve_device(device)
     if dtype is not None:
         cast_float(model, DTYPES[dtype])
     model.to(dev)
+    follow_inputs(model)
+    follow_inputs(backbone(model))
     return dev
 
 

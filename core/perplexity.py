@@ -31,10 +31,10 @@ def window_nlls(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
     """Mean next-token NLL of each window, shape ``[n_windows]``."""
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress):
-        batch = windows[i : i + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        logits = model(input_ids=windows[i : i + batch_size], use_cache=False).logits[:, :-1].float()
+        batch = windows[i : i + batch_size].to(logits.device)
         nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        out.append(nll.mean(dim=1))
+        out.append(nll.mean(dim=1).cpu())
     return torch.cat(out)
 
 

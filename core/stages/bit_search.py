@@ -134,7 +134,7 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
     params = recipe.method_params("bit_search")
     method = REGISTRY.module(cfg.method)
     t0 = time.perf_counter()
-    loaded = input_model(recipe, inputs)
+    loaded = input_model(recipe, inputs, "bit_search")
     calib = open_calibration(inputs["calib"])
     space = build_space(recipe, loaded.model)
     budget = space.budget(cfg.avg_bits, cfg.budget_bytes)

@@ -19,7 +19,7 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
     # Again here, not only in the recipe check: the file may have been created or replaced since.
     check_unseen(cfg.data.source, recipe.stages.evaluate.data.source, "calibration")
     text = load_text(cfg.data.source, "train", cfg.data.field)  # before the model: bad data fails fast
-    loaded = input_model(recipe, inputs)
+    loaded = input_model(recipe, inputs, "calibrate")
     ids = tokenize(loaded.tokenizer, text)
     windows = sample_windows(ids, cfg.n_windows, cfg.seqlen, cfg.seed)
     stats, aliases = collect_stats(loaded.model, windows, cfg.batch_size, xtx=cfg.collect_xtx)

@@ -60,7 +60,13 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
     cfg = recipe.stages.finetune
     mod = REGISTRY.module(cfg.method)
     params = recipe.method_params("finetune")
+    if params.device == "auto" and cfg.device != "auto":
+        params = params.model_copy(update={"device": cfg.device})  # the stage's device, unless the method names one
     base = load_base(recipe, inputs)
+    if cfg.dtype is not None:
+        from pqflow.models import DTYPES, cast_float
+
+        cast_float(base.model, DTYPES[cfg.dtype])
     in_bytes = weight_bytes(base.folder) if base.folder is not None else None
     data = train_data(recipe, base.tokenizer, params.seqlen, params.eval_windows)
     total_params = param_count(base.model)

@@ -34,7 +34,7 @@ def compute(recipe: Recipe, model: Any, calib: Calibration, progress: bool = Tru
 
 
 def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    loaded = input_model(recipe, inputs)
+    loaded = input_model(recipe, inputs, "importance")
     calib = open_calibration(inputs["calib"])
     scores, secs = compute(recipe, loaded.model, calib)
     scores.save(out)

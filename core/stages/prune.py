@@ -26,7 +26,7 @@ PLOT_FILE = "prune.png"
 def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     cfg = recipe.stages.prune
     params = recipe.method_params("prune")
-    loaded = input_model(recipe, inputs)
+    loaded = input_model(recipe, inputs, "prune")
     model = loaded.model
     method = REGISTRY.module(cfg.method)
     # Before any scoring: a family that refuses a cut these params ask for fails here, clearly.

@@ -82,9 +82,9 @@ class History:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from pqflow.devices import resolve_device as resolve
+
+    return resolve(name)
 
 
 class WindowSampler:
