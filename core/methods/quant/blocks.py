@@ -167,8 +167,10 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, dev
     finally:
         for i, b in enumerate(blocks):
             layers[i] = b
-    assert sink.hidden is not None and all(k is not None for k in sink.kwargs)
-    per_block: list[dict[str, Any]] = [k for k in sink.kwargs if k is not None]
+    per_block = [k for k in sink.kwargs if k is not None]
+    if sink.hidden is None or len(per_block) != n:
+        raise ValueError(f"capture_inputs: the model's forward did not reach its {n} decoder blocks "
+                         f"({len(windows)} windows given)")
     return BlockInputs(sink.hidden, per_block[0], batch_size, per_block,
                        dev if offload and dev is not None else None)
 
