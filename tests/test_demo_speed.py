@@ -181,3 +181,26 @@ def test_smollm2_cached_source_is_identical():
     text = "The quick brown fox jumps over the lazy dog.\n = Valkyria Chronicles III =\n"
     assert tok(text).input_ids == tok2(text).input_ids
     assert tok.eos_token == tok2.eos_token and tok.chat_template == tok2.chat_template
+
+
+# -- bit-search sensitivity prior -------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["kl", "nll"])
+def test_sensitivity_needs_no_full_precision_forward(tiny, objective):
+    """The prior takes the full-precision objective from the evaluator instead of measuring it
+    again: the deltas are exactly those measured against a fresh full-precision measurement."""
+    from pqflow.methods.bitsearch.evaluator import Evaluator
+    from pqflow.methods.bitsearch.priors import sensitivity
+    from pqflow.methods.bitsearch.space import SearchSpace, parse_choice
+
+    model, _ = tiny
+    space = SearchSpace.build(model, "layer", [parse_choice(c) for c in ("3g64", "4g64", "8pc")])
+    windows = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
+    ev = Evaluator(model, space, windows, objective)
+    base = ev.measure_modules({})
+    assert base.objective == (0.0 if objective == "kl" else ev.fp_nll)
+    deltas, _ = sensitivity(ev, space.choices[0], progress=False)
+    fresh = Evaluator(model, space, windows, objective)
+    expected = [fresh.measure_modules(dict.fromkeys(mods, space.choices[0])).objective - base.objective
+                for mods in fresh.layer_modules]
+    assert deltas.tolist() == expected

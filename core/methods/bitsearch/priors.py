@@ -172,11 +172,13 @@ def mutual_information(model: nn.Module, windows: torch.Tensor, clusters: int = 
 def sensitivity(evaluator: Evaluator, probe: Choice, progress: bool = True) -> tuple[np.ndarray, float]:
     """Objective increase per decoder layer when only that layer's linears use ``probe``;
     returns ``(increase per layer, seconds)``."""
-    base = evaluator.measure_modules({})
-    deltas, secs = [], base.seconds
+    # The full-precision objective is known without a forward: the evaluator scored that model
+    # when it was built (KL to itself is exactly 0, its NLL is fp_nll).
+    base = 0.0 if evaluator.objective == "kl" else evaluator.fp_nll
+    deltas, secs = [], 0.0
     for mods in tqdm(evaluator.layer_modules, desc="sensitivity", disable=not progress):
         r = evaluator.measure_modules(dict.fromkeys(mods, probe))
-        deltas.append(r.objective - base.objective)
+        deltas.append(r.objective - base)
         secs += r.seconds
     evaluator.restore()
     return np.array(deltas), secs
