@@ -22,9 +22,9 @@ def input_model(recipe: Recipe, inputs: dict[str, Artifact], stage: str | None =
         loaded = load_model_artifact(inputs["model"].path)
     else:
         loaded = load_source(recipe.model.source, recipe.model.dtype)
-    if stage is not None and place_on_device:
+    if stage is not None:
         cfg = recipe.stage(stage)
-        dev = place(loaded.model, cfg.device, cfg.dtype)
+        dev = place(loaded.model, cfg.device if place_on_device else "cpu", cfg.dtype)
         if dev.type != "cpu":
             print(f"[pqflow] {stage}: computing on {dev}", file=sys.stderr)
     return loaded

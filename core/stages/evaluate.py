@@ -45,7 +45,8 @@ def baseline_key(recipe: Recipe, text: str) -> str | None:
         "source": source,
         "data": hashlib.sha256(text.encode()).hexdigest(),
         "protocol": {"version": PROTOCOL, "split": "test", "data": cfg.data.model_dump(mode="json"),
-                     "seqlen": cfg.seqlen, "max_windows": cfg.max_windows, "batch_size": cfg.batch_size},
+                     "seqlen": cfg.seqlen, "max_windows": cfg.max_windows, "batch_size": cfg.batch_size,
+                     "device": cfg.device, "dtype": cfg.dtype},
         "versions": {"pqflow": __version__, "torch": torch.__version__, "transformers": metadata.version("transformers")},
     })
 
@@ -94,7 +95,7 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
             metrics = {**cached, "reused": True}
             write_json(out / METRICS_FILE, metrics)
             return _summary(metrics)
-    loaded = input_model(recipe, inputs)
+    loaded = input_model(recipe, inputs, "evaluate")
     ids = tokenize(loaded.tokenizer, text)
     windows = eval_windows(ids, cfg.seqlen, cfg.max_windows)
     res = perplexity(loaded.model, windows, cfg.batch_size)

@@ -19,6 +19,7 @@ from pqflow import formats
 from pqflow.artifacts import Artifact
 from pqflow.calibration import WINDOWS_FILE, Calibration
 from pqflow.data import load_text, sample_windows, tokenize
+from pqflow.devices import resolve_device
 from pqflow.methods.quant import REGISTRY
 from pqflow.methods.quant.plan import read_allocation, resolve_plan
 from pqflow.models import param_count, weight_bytes
@@ -48,14 +49,17 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
     cfg = recipe.stages.quantize
     mod = REGISTRY.module(cfg.method)
     params = recipe.method_params("quantize")
-    loaded = input_model(recipe, inputs)
+    # Methods that onload (ONLOADS) keep the weights in CPU memory and move one block at a time to
+    # the stage's device; the others get the whole model on the device.
+    onloads = getattr(mod, "ONLOADS", False)
+    loaded = input_model(recipe, inputs, "quantize", place_on_device=not onloads)
     model = loaded.model
     allocation = read_allocation(inputs["allocation"].path) if "allocation" in inputs else None
     plan = resolve_plan(model, cfg.bits, cfg.group_size, cfg.symmetric, allocation)
     n_params = param_count(model)
     windows = calibration_windows(recipe, inputs, loaded.tokenizer) if getattr(mod, "NEEDS_CALIBRATION", False) else None
     t0 = time.perf_counter()
-    model = mod.quantize(model, windows, plan, params)
+    model = mod.quantize(model, windows, plan, params, **({"device": resolve_device(cfg.device)} if onloads else {}))
     seconds = time.perf_counter() - t0
     fmt = getattr(mod, "FORMAT", FORMAT)  # each method names the model format it writes
     if getattr(mod, "QUANTIZES_EMBEDDINGS", True):
