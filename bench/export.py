@@ -503,7 +503,7 @@ def worker(config: str, fmt: str, args: argparse.Namespace) -> dict:
     ours, ids = pqflow_ppl(work, src, args.windows)
     src_art = open_artifact(str(src))
     dtype = {"compressed-tensors": args.ct_dtype, "hf-dense": args.dense_dtype, "gguf": "float16"}[fmt]
-    row = {"format": fmt, "engine": ENGINE[fmt], "config": config, "dtype": dtype, "pqflow_ppl": round(ours, 3),
+    row = {"format": fmt, "engine": engine_label(fmt, args), "config": config, "dtype": dtype, "pqflow_ppl": round(ours, 3),
            "pqflow_bytes": src_art.manifest["bytes"], "windows": args.windows, "seqlen": SEQLEN,
            "threads": args.threads, "fallback": args.fallback}
     if calibrated(config):
@@ -557,8 +557,17 @@ def run_job(config: str, fmt: str, args: argparse.Namespace) -> dict | None:
                    Path(args.work) / f"row-{config}-{fmt}.json", f"{config} {fmt}")
 
 
+def engine_label(fmt: str, args: argparse.Namespace) -> str:
+    """The engine column; a llama.cpp other than this venv's is named by its venv folder, so that a
+    native build's rows sit beside the portable wheel's instead of replacing them."""
+    if fmt == "gguf" and args.llama_python:
+        return f"{ENGINE[fmt]} ({Path(args.llama_python).expanduser().absolute().parents[1].name})"
+    return ENGINE[fmt]
+
+
 def merge(rows: list[dict], row: dict, configs: list[str]) -> list[dict]:
-    rows = [r for r in rows if (r["format"], r["config"]) != (row["format"], row["config"])] + [row]
+    key = ("format", "config", "engine")
+    rows = [r for r in rows if tuple(r[k] for k in key) != tuple(row[k] for k in key)] + [row]
     order = {c: i for i, c in enumerate([FP16, *configs])}
     return sorted(rows, key=lambda r: (order.get(r["config"], 99), r["config"], FORMATS.index(r["format"])))
 
