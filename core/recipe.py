@@ -87,16 +87,67 @@ class ModelRef(Strict):
                          f"({', '.join('tiny-' + f for f in FAMILIES)})")
 
 
-class DataRef(Strict):
-    source: str = Field("wikitext2", max_length=MAX_PATH, description="wikitext2 | text:<path> | jsonl:<path>")
+DATA_SOURCES = "wikitext2 | python-docstrings | python-reference | text:<path> | jsonl:<path>"
+MAX_PARTS = 16  # sources of one data mixture
+LAYOUT_HELP = ("text: files: raw = the file as it reads (train/heldout cut at a line), lines = blank lines "
+               "dropped and lines separated by blank lines")
+
+
+def _check_data_source(v: str) -> str:
+    from pqflow.corpora import CORPORA  # light: the corpora are built only when read
+
+    if v == "wikitext2" or v in CORPORA or v.startswith(("text:", "jsonl:")):
+        return v
+    raise ValueError("must be 'wikitext2', 'python-docstrings', 'python-reference', 'text:<path>' or 'jsonl:<path>'")
+
+
+class DataPart(Strict):
+    """One weighted source of a data mixture."""
+
+    source: str = Field(max_length=MAX_PATH, description=DATA_SOURCES)
     field: str = Field("text", max_length=MAX_NAME, description="field holding the text, for jsonl sources")
+    layout: Literal["raw", "lines"] = Field("raw", description=LAYOUT_HELP)
+    weight: float = Field(1.0, gt=0, le=1e6, description="share of the windows, relative to the other parts")
 
     @field_validator("source")
     @classmethod
     def _known_data(cls, v: str) -> str:
-        if v == "wikitext2" or v.startswith(("text:", "jsonl:")):
-            return v
-        raise ValueError("must be 'wikitext2', 'text:<path>' or 'jsonl:<path>'")
+        return _check_data_source(v)
+
+
+class DataRef(Strict):
+    source: str = Field("wikitext2", max_length=MAX_PATH, description=DATA_SOURCES)
+    field: str = Field("text", max_length=MAX_NAME, description="field holding the text, for jsonl sources")
+    layout: Literal["raw", "lines"] = Field("raw", description=LAYOUT_HELP)
+    mix: list[DataPart] = Field(default_factory=list, max_length=MAX_PARTS, description=(
+        "a weighted mixture replacing source/field/layout: a list of {source, field, layout, weight}, weight "
+        "relative, > 0 (default 1); windows are split between the parts by weight"))
+
+    @field_validator("source")
+    @classmethod
+    def _known_data(cls, v: str) -> str:
+        return _check_data_source(v)
+
+    @model_validator(mode="after")
+    def _mix_or_source(self) -> DataRef:
+        defaults = type(self).model_fields
+        set_too = [k for k in ("source", "field", "layout") if getattr(self, k) != defaults[k].default]
+        if self.mix and set_too:
+            raise ValueError(f"give either source/field/layout or mix, not both ({', '.join(set_too)} set beside "
+                             "mix); each mix part has its own source, field, layout and weight")
+        return self
+
+    def parts(self) -> list[DataPart]:
+        """The mixture's parts; a single source is one part of weight 1."""
+        return list(self.mix) or [DataPart(source=self.source, field=self.field, layout=self.layout)]
+
+    @property
+    def label(self) -> str:
+        """'wikitext2', or the parts with their shares: 'wikitext2:0.5+python-docstrings:0.5'."""
+        if not self.mix:
+            return self.source
+        total = math.fsum(p.weight for p in self.mix)
+        return "+".join(f"{p.source}:{p.weight / total:.3g}" for p in self.mix)
 
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,2})?)$"
@@ -437,23 +488,21 @@ def _method_problems(recipe: Recipe, stage: str) -> list[str]:
 
 
 def _leak_problems(recipe: Recipe) -> list[str]:
-    """Training data (calibration, fine-tuning) that is the evaluation data: same resolved path,
-    same inode, or identical bytes. Files that do not exist yet are checked again when loaded."""
-    from pqflow.data import same_data
+    """Training data (calibration, fine-tuning) that is the evaluation data, any part of one against
+    any part of the other (``evaluate.data`` and ``evaluate.datasets``): same resolved path, same
+    inode, identical bytes, or one built-in corpus. Files that do not exist yet are checked again
+    when loaded."""
+    from pqflow.data import evaluation_data, find_leaks
 
-    ev = recipe.stages.evaluate.data
     readers = {
         "calibrate": any(recipe.stage(s).enabled for s in ("calibrate", "bit_search", "quantize")),
         "finetune": recipe.stages.finetune.enabled,
     }
+    evaluation = evaluation_data(recipe)
     problems = []
     for stage, used in readers.items():
-        data = recipe.stage(stage).data
-        why = same_data(data.source, ev.source) if used else None
-        if why:
-            problems.append(f"stages.{stage}.data.source '{_short(data.source, 200)}' is the evaluation data "
-                            f"stages.evaluate.data.source '{_short(ev.source, 200)}' ({why}); use different files "
-                            "to keep evaluation data unseen")
+        if used:
+            problems += [leak.message() for leak in find_leaks(f"stages.{stage}.data", recipe.stage(stage).data, evaluation)]
     return problems
 
 

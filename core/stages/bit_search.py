@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from pqflow.artifacts import Artifact
 from pqflow.calibration import Calibration
-from pqflow.data import eval_windows, load_text, tokenize
+from pqflow.data import mixture_eval_windows
 from pqflow.errors import PqflowError, RecipeError
 from pqflow.methods.bitsearch import REGISTRY
 from pqflow.methods.bitsearch.context import SearchContext
@@ -63,8 +63,7 @@ def importance_scores(art: Artifact | None) -> np.ndarray | None:
 
 def heldout_windows(recipe: Recipe, tokenizer: Any) -> torch.Tensor:
     cfg, data = recipe.stages.bit_search, recipe.stages.calibrate.data
-    ids = tokenize(tokenizer, load_text(data.source, "heldout", data.field))
-    return eval_windows(ids, cfg.heldout_seqlen, cfg.heldout_windows)
+    return mixture_eval_windows(tokenizer, data, "heldout", cfg.heldout_seqlen, cfg.heldout_windows)
 
 
 def build_space(recipe: Recipe, model: torch.nn.Module) -> SearchSpace:
@@ -154,6 +153,7 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
         print(f"[pqflow] bit-search: target {cfg.target} drops {ctx.info['target']['refused']}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     print(f"[pqflow] bit-search: {cfg.method}, {space.n_units} {cfg.granularity} units x "
-          f"{len(space.choices)} choices, budget {budget} B ({8 * budget / space.n_weights:.3f} bits)", file=sys.stderr)
+          f"{len(space.choices)} choices, budget {budget} B ({8 * budget / space.n_weights:.3f} bits); objective on "
+          f"{len(heldout)} x {heldout.shape[1]} held-out tokens of {recipe.stages.calibrate.data.label}", file=sys.stderr)
     best = method.search(ctx, params)
     return write_outputs(ctx, best, cfg.method, out, time.perf_counter() - t0)

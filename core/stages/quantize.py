@@ -18,7 +18,7 @@ import torch
 from pqflow import formats
 from pqflow.artifacts import Artifact
 from pqflow.calibration import WINDOWS_FILE, Calibration
-from pqflow.data import load_text, sample_windows, tokenize
+from pqflow.data import mixture_windows
 from pqflow.devices import resolve_device
 from pqflow.methods.quant import REGISTRY
 from pqflow.methods.quant.plan import read_allocation, resolve_plan
@@ -40,9 +40,8 @@ def calibration_windows(recipe: Recipe, inputs: dict[str, Artifact], tokenizer: 
         return Calibration(art.path, json.loads((art.path / "calib.json").read_text())).windows
     cal = recipe.stages.calibrate
     print(f"[pqflow] quantize: no calib input; drawing {cal.n_windows} x {cal.seqlen} windows from "
-          f"{cal.data.source} (train split, seed {cal.seed})", file=sys.stderr)
-    ids = tokenize(tokenizer, load_text(cal.data.source, "train", cal.data.field))
-    return sample_windows(ids, cal.n_windows, cal.seqlen, cal.seed)
+          f"{cal.data.label} (train split, seed {cal.seed})", file=sys.stderr)
+    return mixture_windows(tokenizer, cal.data, "train", cal.n_windows, cal.seqlen, cal.seed)
 
 
 def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
