@@ -1,22 +1,23 @@
 """Built-in offline corpora: technical English prose that every Python installation carries.
 
 ``python-reference``
-    The texts of ``pydoc_data.topics`` (the Python Language Reference and the library reference
-    topics that ``help()`` shows, generated from CPython's documentation and shipped with every
-    CPython), keys sorted, joined by blank lines. About SIZE_REFERENCE characters on CPython
-    3.11. It is the evaluation's second domain: recipes may evaluate on it, never calibrate or
-    tune on it (the recipe check refuses that, see :func:`pqflow.data.same_data`).
+    The texts of ``pydoc_data.topics`` (the Language Reference topics that ``help()`` shows,
+    generated from CPython's documentation and shipped with every CPython), keys sorted, joined
+    by blank lines: 465,047 characters (2,608 paragraphs) on CPython 3.11.7. The evaluation's
+    second domain, not meant for calibration or tuning: a recipe that trains on it and also
+    evaluates on it is refused (:func:`pqflow.data.same_data`).
 ``python-docstrings``
     The docstrings (module, class, function) of the running CPython's pure-Python standard
     library, read with :mod:`ast` (nothing is imported), in sorted file order; ``test``,
     ``tests``, ``idlelib``, ``tkinter``, ``lib2to3``, ``site-packages`` and ``dist-packages``
-    folders are skipped, and so are files that cannot be read or parsed. About SIZE_DOCSTRINGS
-    characters on CPython 3.11. A calibration and tuning domain.
+    folders are skipped, and so are files that cannot be read or parsed: 1,522,526 characters
+    (13,473 paragraphs from 587 files) on CPython 3.11.7. A calibration and tuning domain.
 
-The two are disjoint: the documentation that ``pydoc_data.topics`` is built from quotes some
-docstrings word for word, so every docstring paragraph whose text (whitespace collapsed) occurs
-anywhere in ``python-reference`` is removed from ``python-docstrings``. Training on the
-docstrings therefore never reads a paragraph of the evaluation text.
+The two are disjoint: both describe Python, and some docstring paragraphs (pdb's command help,
+"For example:") also appear in the reference text, so every docstring paragraph whose text
+(whitespace collapsed) occurs anywhere in ``python-reference`` is removed from
+``python-docstrings`` (47 paragraphs on 3.11.7). Tuning on the docstrings never reads a
+paragraph of the evaluation text.
 
 Both texts are paragraphs separated by blank lines; as for local files, split ``test`` is the
 whole text and ``train`` / ``heldout`` its first 90% / last 10% of paragraphs. They depend only

@@ -281,3 +281,39 @@ def test_calibrate_stage_on_a_two_part_mixture(tiny_recipe, tmp_path: Path, caps
     assert torch.equal(load_file(out / "windows.safetensors")["input_ids"], expected)
     held = bit_search.heldout_windows(tiny_recipe, tok)
     assert held.shape == (8, 256)
+    assert torch.equal(held, mixture_eval_windows(tok, tiny_recipe.stages.calibrate.data, "heldout", 256, 8))
+
+
+def test_quantize_without_calib_draws_from_the_mixture(tiny_recipe, capsys):
+    from pqflow.stages import quantize
+
+    tiny_recipe.stages.calibrate.data = DataRef(mix=[DataPart(source="wikitext2"),
+                                                     DataPart(source="python-docstrings")])
+    tok = byte_tokenizer()
+    w = quantize.calibration_windows(tiny_recipe, {}, tok)
+    assert torch.equal(w, mixture_windows(tok, tiny_recipe.stages.calibrate.data, "train", 8, 64, 0))
+    assert "wikitext2:0.5+python-docstrings:0.5" in capsys.readouterr().err
+
+
+def test_leaks_checked_against_further_evaluation_datasets(tiny_recipe):
+    """`stages.evaluate.datasets` (each with source/field/layout) counts as evaluation data too."""
+    from types import SimpleNamespace
+
+    from pqflow.data import check_recipe_unseen, evaluation_data, find_leaks
+
+    tiny_recipe.stages.calibrate.data = DataRef(mix=[DataPart(source="wikitext2"),
+                                                     DataPart(source="python-reference")])
+    check_recipe_unseen(tiny_recipe)  # evaluated on wikitext2 only: fine
+    extra = [SimpleNamespace(source="python-docstrings", field="text", layout="raw"),
+             SimpleNamespace(source="python-reference", field="text", layout="raw")]
+    ev = SimpleNamespace(data=tiny_recipe.stages.evaluate.data, datasets=extra)
+    fake = SimpleNamespace(stages=SimpleNamespace(evaluate=ev, calibrate=tiny_recipe.stages.calibrate,
+                                                  finetune=tiny_recipe.stages.finetune),
+                           stage=lambda name: getattr(fake.stages, name))
+    assert [k for k, _ in evaluation_data(fake)] == ["stages.evaluate.data", "stages.evaluate.datasets.0",
+                                                      "stages.evaluate.datasets.1"]
+    leaks = find_leaks("stages.calibrate.data", tiny_recipe.stages.calibrate.data, evaluation_data(fake))
+    assert [(x.train_key, x.eval_key) for x in leaks] == [("stages.calibrate.data.mix.1.source",
+                                                           "stages.evaluate.datasets.1.source")]
+    with pytest.raises(SourceError, match="stages.evaluate.datasets.1.source 'python-reference'"):
+        check_recipe_unseen(fake)
