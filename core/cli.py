@@ -118,6 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, o in result.outcomes.items():
         s = o.summary
         extra = f"ppl {s['ppl']:.3f}, {s['model_bytes'] / 2**20:.1f} MiB" if "ppl" in s else ""
+        extra += "".join(f", {k} {v:.3f}" for k, v in sorted(s.items()) if k.startswith("ppl_"))
         print(f"  {name:<18} {'reused' if o.skipped else 'ran':<6} {o.uri}  {extra}")
     if result.mlflow_uri:
         print(f"metrics: MLflow {result.run_url or result.mlflow_uri} (experiment '{recipe.tracking.experiment}', "

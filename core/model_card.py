@@ -112,9 +112,11 @@ def _results(summary: dict[str, Any]) -> str:
     return "; ".join(f"{k} {_fmt(summary[k])}" for k in RESULT_KEYS if k in summary) or "–"
 
 
-def _eval_rows(final: dict[str, Any], baseline: dict[str, Any] | None) -> list[str]:
+def _eval_rows(final: dict[str, Any], baseline: dict[str, Any] | None, recipe: Recipe | None = None) -> list[str]:
     rows = ["| metric | baseline (uncompressed) | this model | change |", "|---|---|---|---|"]
-    for key, label in (("ppl", "perplexity"), ("model_bytes", "weight bytes on disk"), ("params", "parameters"),
+    datasets = recipe.stages.evaluate.datasets if recipe is not None else []
+    domains = tuple((f"ppl_{d.name}", f"perplexity on `{d.source}` ({d.name})") for d in datasets)
+    for key, label in (("ppl", "perplexity"), *domains, ("model_bytes", "weight bytes on disk"), ("params", "parameters"),
                        ("tokens_per_s", "forward tokens/s"), ("peak_rss_mb", "peak RSS MiB")):
         b = (baseline or {}).get(key)
         v = final.get(key)
@@ -147,10 +149,10 @@ def model_card(recipe: Recipe, name: str, final: dict[str, Any], baseline: dict[
         summary = manifests.get(step.name, {}).get("summary", {})
         lines.append(f"| {step.name} | {_settings(recipe, get_stage(step.stage).key)} | {_results(summary)} |")
     lines += ["", "## Evaluation", "",
-              f"Perplexity on `{ev.data.source}` test, non-overlapping windows of {ev.seqlen} tokens"
+              f"Perplexity on `{ev.data.source}` test{''.join(f', `{d.source}` ({d.name})' for d in ev.datasets)}, non-overlapping windows of {ev.seqlen} tokens"
               f"{f', the first {ev.max_windows}' if ev.max_windows else ''} (GPTQ / LLM-Pruner protocol), "
               "the baseline measured in the same run on the same windows.", ""]
-    lines += _eval_rows(final, baseline if baseline else None)
+    lines += _eval_rows(final, baseline if baseline else None, recipe)
     lines += ["", f"Quality gate: **{'passed' if decision.get('champion') else 'not passed'}** – {decision.get('reason', '')}"]
     if export_tags:
         lines += ["", "## Exports", "", "| format | files in this version | artifact | bytes |", "|---|---|---|---|"]

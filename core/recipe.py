@@ -280,6 +280,15 @@ class FinetuneStage(MethodStage):
     enabled: bool = Field(False, description="a disabled stage is skipped and produces nothing")
     method: str = Field("lora", description="recovery fine-tuning method")
     data: DataRef = Field(default_factory=DataRef, description="train split for training, heldout split for validation")
+
+    @field_validator("data")
+    @classmethod
+    def _one_source(cls, v: DataRef) -> DataRef:
+        # The training loop samples windows from one token stream; weighted sampling across
+        # parts is not written yet, and silently tuning on `source` alone would be wrong.
+        if v.mix:
+            raise ValueError("fine-tuning on a mixture is not supported yet: give data.source (one text)")
+        return v
     verify_reload: bool = Field(True, description="reload the written artifact and compare its logits with the tuned model's")
     reload_tolerance: float = Field(1e-3, ge=0, le=1e6, description="largest allowed absolute logit difference on reload")
 
@@ -315,11 +324,49 @@ class ExportStage(StageBase):
         return v
 
 
+class EvalDataset(Strict):
+    """A further test text: its perplexity is reported as ``ppl_<name>`` beside the primary ``ppl``."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_]{0,39}$", description="metric suffix: ppl_<name> (lowercase, digits, _)")
+    source: str = Field(max_length=MAX_PATH, description=DATA_SOURCES)
+    field: str = Field("text", max_length=MAX_NAME, description="field holding the text, for jsonl sources")
+    layout: Literal["raw", "lines"] = Field("raw", description=LAYOUT_HELP)
+
+    @field_validator("source")
+    @classmethod
+    def _known_data(cls, v: str) -> str:
+        return _check_data_source(v)
+
+    def parts(self) -> list[DataPart]:
+        return [DataPart(source=self.source, field=self.field, layout=self.layout)]
+
+
 class EvaluateStage(StageBase):
-    data: DataRef = Field(default_factory=DataRef)
+    data: DataRef = Field(default_factory=DataRef, description="the primary test text: metric ppl (and the gate's "
+                          "max_ppl_increase)")
+    datasets: list[EvalDataset] = Field(default_factory=list, max_length=8, description=(
+        "further test texts of other domains, scored with the same protocol: a list of {name, source, field, "
+        "layout}; each reports ppl_<name>"))
     seqlen: int = Field(512, ge=8, le=MAX_SEQLEN, description="tokens per evaluation window")
     max_windows: int | None = Field(40, ge=1, le=1_000_000, description="cap on evaluated windows; null = all")
     batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="windows per forward pass")
+
+    @field_validator("data")
+    @classmethod
+    def _one_text(cls, v: DataRef) -> DataRef:
+        if v.mix:
+            raise ValueError("evaluation scores one text per dataset, not a mixture: give data.source, and the "
+                             "other texts as datasets (each reports its own ppl_<name>)")
+        return v
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_names(cls, v: list[EvalDataset]) -> list[EvalDataset]:
+        names = [d.name for d in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"dataset name '{dupes[0]}' is used twice")
+        return v
 
 
 class Stages(Strict):
@@ -337,9 +384,15 @@ class Storage(Strict):
     root: str = Field("file://./pqflow-artifacts", max_length=MAX_PATH, description="file:// path or s3://bucket/prefix")
 
 
+class DatasetLimit(Strict):
+    max_ppl_increase: float = Field(ge=0, le=1e6, description="allowed ppl_<name> rise over the baseline's, fraction")
+
+
 class QualityGate(Strict):
     max_ppl_increase: float | None = Field(None, ge=0, le=1e6, description="allowed ppl rise over the baseline, fraction")
     max_bytes: int | None = Field(None, gt=0, le=1 << 50, description="largest allowed model weight bytes on disk")
+    datasets: dict[str, DatasetLimit] = Field(default_factory=dict, max_length=8, description=(
+        "limits per further test text, by its name in stages.evaluate.datasets: {name: {max_ppl_increase}}"))
 
 
 class Tracking(Strict):
@@ -355,6 +408,15 @@ class Recipe(Strict):
     stages: Stages = Field(default_factory=Stages)
     storage: Storage = Field(default_factory=Storage)
     tracking: Tracking = Field(default_factory=Tracking)
+
+    @model_validator(mode="after")
+    def _gate_datasets_exist(self) -> Recipe:
+        known = {d.name for d in self.stages.evaluate.datasets}
+        for name in self.tracking.gate.datasets:
+            if name not in known:
+                raise ValueError(f"tracking.gate.datasets: '{_short(name)}' is not a dataset of stages.evaluate.datasets "
+                                 f"({', '.join(sorted(known)) or 'none defined'})")
+        return self
 
     def stage(self, name: str) -> StageBase:
         return getattr(self.stages, name)

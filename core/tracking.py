@@ -225,8 +225,7 @@ def _start_parent(client: Any, recipe: Recipe, run_key: str, *, root: str, steps
     params = {"model.source": recipe.model.source, "model.dtype": recipe.model.dtype,
               "model.name": model_name(recipe), "stages.enabled": ",".join(recipe.enabled_stages()),
               "storage.root": root}
-    gate = recipe.tracking.gate
-    params.update({f"gate.{k}": str(v) for k, v in gate.model_dump().items()})
+    params.update(gate_params(recipe.tracking.gate))
     client.log_batch(rid, params=_params(params))
     client.log_text(rid, json.dumps(recipe.model_dump(mode="json"), indent=2, sort_keys=True), "recipe.json")
     return rid
@@ -349,6 +348,20 @@ def log_step(client: Any, parent_id: str, recipe: Recipe, step: str, outcome: St
 
 # -- registry -----------------------------------------------------------------------------------------
 
+def gate_params(gate: QualityGate) -> dict[str, str]:
+    """The gate as the pipeline run's MLflow params (``gate.<key>``; per-dataset limits as JSON)."""
+    return {f"gate.{k}": json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
+            for k, v in gate.model_dump().items()}
+
+
+def gate_from_params(params: dict[str, str]) -> QualityGate:
+    """The gate a run was started with, from its ``gate.<key>`` params (runs logged before a key
+    existed get its default)."""
+    logged = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("gate.")}
+    return QualityGate(**{k: (None if v == "None" else json.loads(v) if k == "datasets" else v)
+                          for k, v in logged.items() if k in QualityGate.model_fields})
+
+
 def gate_decision(recipe: Recipe | QualityGate, final: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
     """Does ``final`` (evaluate summary) pass the recipe's quality gate (or ``gate``) against ``baseline``?"""
     gate = recipe.tracking.gate if isinstance(recipe, Recipe) else recipe
@@ -362,6 +375,17 @@ def gate_decision(recipe: Recipe | QualityGate, final: dict[str, Any], baseline:
             checks.append({"check": "max_ppl_increase", "held": rise <= gate.max_ppl_increase,
                            "value": rise, "limit": gate.max_ppl_increase,
                            "baseline_ppl": baseline["ppl"], "ppl": final["ppl"]})
+    for name, limit in gate.datasets.items():
+        key = f"ppl_{name}"
+        if baseline is None or key not in baseline or key not in final:
+            where = "this model" if key not in final else f"the {BASELINE_STEP} step"
+            checks.append({"check": f"max_ppl_increase[{name}]", "held": False,
+                           "why": f"{where} reports no {key}"})
+        else:
+            rise = final[key] / baseline[key] - 1.0
+            checks.append({"check": f"max_ppl_increase[{name}]", "held": rise <= limit.max_ppl_increase,
+                           "value": rise, "limit": limit.max_ppl_increase,
+                           "baseline_ppl": baseline[key], "ppl": final[key]})
     if gate.max_bytes is not None:
         b = final.get("model_bytes")
         checks.append({"check": "max_bytes", "held": b is not None and b <= gate.max_bytes,
@@ -406,9 +430,7 @@ def logged_gate(client: Any, name: str, version: str) -> tuple[QualityGate, dict
     if not parent_id:
         raise PqflowError(f"models:/{name}/{version}: its run {run_id} has no parent pipeline run")
     parent = client.get_run(parent_id)
-    gate_params = {k.split(".", 1)[1]: v for k, v in parent.data.params.items() if k.startswith("gate.")}
-    gate = QualityGate(**{k: (None if v == "None" else v) for k, v in gate_params.items()
-                          if k in QualityGate.model_fields})
+    gate = gate_from_params(parent.data.params)
     siblings = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent_id}' and tags.`pqflow.step` = '{BASELINE_STEP}'",
                                   max_results=1)

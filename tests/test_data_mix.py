@@ -196,9 +196,8 @@ def test_mixture_part_that_is_the_evaluation_file_is_refused(two_files, tmp_path
         parse_recipe(data)
     assert "stages.evaluate.data.source" in str(e.value) and "different files" in str(e.value)
     data["stages"]["calibrate"]["data"] = {"mix": [{"source": f"text:{digits}"}]}
-    data["stages"]["finetune"] = {"enabled": True, "data": {"mix": [{"source": "wikitext2"},
-                                                                    {"source": f"text:{copy}"}]}}
-    with pytest.raises(RecipeError, match="stages.finetune.data.mix.1.source"):
+    data["stages"]["finetune"] = {"enabled": True, "data": {"source": f"text:{copy}"}}
+    with pytest.raises(RecipeError, match="stages.finetune.data.source"):
         parse_recipe(data)
 
 

@@ -32,9 +32,10 @@ BASELINE_CACHE = "baselines"
 PROTOCOL = 1  # bump when what the stage measures, or how, changes
 
 
-def baseline_key(recipe: Recipe, text: str) -> str | None:
+def baseline_key(recipe: Recipe, text: str, extra: dict[str, str] | None = None) -> str | None:
     """Digest of what the baseline's metrics depend on: the source model (weights, config,
-    tokenizer, dtype), the test text and the protocol; None when the source has no digest."""
+    tokenizer, dtype), the test texts (``extra``: name -> text of ``datasets``) and the protocol;
+    None when the source has no digest."""
     cfg = recipe.stages.evaluate
     source = source_digest(recipe.model.source, recipe.model.dtype)
     if source is None:
@@ -44,7 +45,9 @@ def baseline_key(recipe: Recipe, text: str) -> str | None:
     return canonical_digest({
         "source": source,
         "data": hashlib.sha256(text.encode()).hexdigest(),
+        "datasets": {n: hashlib.sha256(t.encode()).hexdigest() for n, t in (extra or {}).items()},
         "protocol": {"version": PROTOCOL, "split": "test", "data": cfg.data.model_dump(mode="json"),
+                     "datasets": [d.model_dump(mode="json") for d in cfg.datasets],
                      "seqlen": cfg.seqlen, "max_windows": cfg.max_windows, "batch_size": cfg.batch_size,
                      "device": cfg.device, "dtype": cfg.dtype},
         "versions": {"pqflow": __version__, "torch": torch.__version__, "transformers": metadata.version("transformers")},
@@ -84,10 +87,11 @@ def store_baseline(key: str, metrics: dict[str, Any]) -> None:
 
 def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     cfg = recipe.stages.evaluate
-    text = load_text(cfg.data.source, "test", cfg.data.field)
+    text = load_text(cfg.data.source, "test", cfg.data.field, cfg.data.layout)
+    extra = {d.name: load_text(d.source, "test", d.field, d.layout) for d in cfg.datasets}
     key = None
     if "model" not in inputs:
-        key = baseline_key(recipe, text)
+        key = baseline_key(recipe, text, extra)
         cached = cached_baseline(key) if key else None
         if cached is not None:
             print(f"[pqflow] evaluate: baseline reused (source model, data and protocol unchanged; "
@@ -111,6 +115,7 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
             model_bytes = weight_bytes(Path(tmp))
             artifact_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
         model_uri = recipe.model.source
+    domains = score_datasets(loaded, recipe, extra)
     metrics = {
         "ppl": res.ppl,
         "nll": res.nll,
@@ -125,6 +130,8 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
         "eval_seconds": res.seconds,
         "peak_rss_mb": peak_rss_mb(),
         "model": model_uri,
+        **{f"{k}_{d['name']}": d[k] for d in domains for k in ("ppl", "nll")},
+        "datasets": domains,
     }
     write_json(out / METRICS_FILE, metrics)
     if key is not None:
@@ -133,7 +140,21 @@ def run(recipe: Recipe, inputs: dict[str, Artifact], out: Path) -> dict[str, Any
         f"[pqflow] evaluate: ppl {res.ppl:.3f} on {res.windows} x {cfg.seqlen} tokens of {cfg.data.source}; "
         f"model {model_bytes / 2**20:.1f} MiB on disk; {res.tokens_per_s:.0f} tok/s; peak RSS {metrics['peak_rss_mb']:.0f} MiB"
     )
+    for d in domains:
+        print(f"[pqflow] evaluate: ppl_{d['name']} {d['ppl']:.3f} on {d['windows']} x {cfg.seqlen} tokens of {d['source']}")
     return _summary(metrics)
+
+
+def score_datasets(loaded: Any, recipe: Recipe, texts: dict[str, str]) -> list[dict[str, Any]]:
+    """Perplexity of each further test text (``stages.evaluate.datasets``) with the primary's protocol."""
+    cfg = recipe.stages.evaluate
+    out = []
+    for d in cfg.datasets:
+        windows = eval_windows(tokenize(loaded.tokenizer, texts[d.name]), cfg.seqlen, cfg.max_windows)
+        r = perplexity(loaded.model, windows, cfg.batch_size)
+        out.append({"name": d.name, "source": d.source, "layout": d.layout, "ppl": r.ppl, "nll": r.nll,
+                    "windows": r.windows, "tokens": r.tokens})
+    return out
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
